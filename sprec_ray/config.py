@@ -82,7 +82,6 @@ class DPOConfig:
     loss: Literal["dpo", "sdpo"] = "dpo"
     beta: float = 0.1
     num_negatives: int = 1  # K; must be 1 for "dpo"
-    negatives: Literal["selfplay", "random"] = "selfplay"
     lr: float = 2e-5
     epochs: int = 1
     batch_size: int = 4
@@ -100,6 +99,8 @@ class TrainConfig:
     storage_path: str = ""  # "" = <output_dir>/ray_results; s3://, gs:// or an NFS path at scale
     max_failures: int = 1
     logger: Literal["none", "tensorboard", "wandb", "mlflow"] = "none"
+    checkpoint_every: int = 50  # optimizer steps between Ray Train checkpoints (one is always written at the end)
+    max_grad_norm: float = 1.0  # global gradient-norm clip (HF Trainer's default)
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,19 @@ class GenerationConfig:
     shard_size: int = 64  # prompts per request to one actor
     max_model_len: int = 512
     kv_cache_gib: int = 1  # CPU only (VLLM_CPU_KVCACHE_SPACE)
+    # Keep the actors between phases (fast on a node with spare CPUs/GPUs); False frees their GPUs
+    # for the trainers when both must share the same devices.
+    keep_alive: bool = True
+    # "auto": bfloat16 for vLLM; float32 for the hf backend on CPU, bfloat16 on CUDA.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_inflight_per_actor: int = 2  # shards queued per actor, so an engine never waits for the driver
+    request_timeout_s: float = 600.0  # a shard or adapter switch not back by then: actor killed, shard re-queued
+    startup_timeout_s: float = 900.0  # one actor's engine start
+    max_actor_restarts: int = 2  # dead or hung actors replaced per pool before a round fails
+    verify_adapter: bool = True  # after each adapter switch: engine vs transformers+peft log-probs on a probe
+    probe_size: int = 4  # probe prompts (the round's first ones)
+    probe_tolerance: float = 0.05  # max mean |delta log p| per token (nats); bf16 engines show ~0.01-0.02
+    gpu_memory_utilization: float = 0.85  # vLLM on GPU only
 
 
 @dataclass(frozen=True)
@@ -123,7 +137,9 @@ class SelfPlayConfig:
     rounds: int = 2
     # Which variant to run; "sprec" = SFT then DPO on self-play negatives each round.
     method: Literal["sprec", "sft_only", "dpo_random"] = "sprec"
-    warm_start_sft: bool = True
+    # A finished SFT adapter to start from instead of the warm-start SFT phase (SPRec starts its
+    # self-play from a separately trained SFT model); "" = train the warm start here.
+    init_adapter: str = ""
     round_samples: int = 0  # train rows sampled per round (SPRec: 2048); 0 = all
 
 

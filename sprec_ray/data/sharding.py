@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -42,22 +41,24 @@ def write_examples_parquet(examples: Sequence[Example], out_dir: str | Path, num
 
 
 class PromptBuilder:
-    """Adds prompt / response / (negatives as text) columns to a batch of id rows."""
+    """Adds prompt / response (/ cf_prompt, rejected) columns to a pyarrow batch of id rows."""
 
     def __init__(self, titles: Sequence[str], item_noun: str, counterfactual: bool = False):
         self.titles = list(titles)
         self.item_noun = item_noun
         self.counterfactual = counterfactual
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, batch: pa.Table) -> pa.Table:
         titles = self.titles
-        batch["prompt"] = np.array([render_prompt([titles[i] for i in h], self.item_noun) for h in batch["history"]], dtype=object)
-        batch["response"] = np.array([render_response(titles[t]) for t in batch["target"]], dtype=object)
+        histories = batch.column("history").to_pylist()
+        targets = batch.column("target").to_pylist()
+        batch = batch.append_column("prompt", pa.array([render_prompt([titles[i] for i in h], self.item_noun) for h in histories]))
+        batch = batch.append_column("response", pa.array([render_response(titles[t]) for t in targets]))
         if self.counterfactual:
-            empty = render_prompt([], self.item_noun)
-            batch["cf_prompt"] = np.array([empty] * len(batch["target"]), dtype=object)
-        if "negatives" in batch:
-            batch["rejected"] = np.array([[render_response(titles[i]) for i in negs] for negs in batch["negatives"]], dtype=object)
+            batch = batch.append_column("cf_prompt", pa.array([render_prompt([], self.item_noun)] * len(targets)))
+        if "negatives" in batch.column_names:
+            rejected = [[render_response(titles[i]) for i in negs] for negs in batch.column("negatives").to_pylist()]
+            batch = batch.append_column("rejected", pa.array(rejected, pa.list_(pa.string())))
         return batch
 
 
@@ -67,4 +68,4 @@ def prompt_dataset(parquet_dir: str | Path, catalogue: Catalogue, item_noun: str
 
     ds = ray.data.read_parquet(str(parquet_dir))
     return ds.map_batches(PromptBuilder, fn_constructor_args=(catalogue.titles, item_noun, counterfactual),
-                          batch_format="numpy", batch_size=256, concurrency=1, num_cpus=0.25)
+                          batch_format="pyarrow", batch_size=256, concurrency=1, num_cpus=0.25)

@@ -1,0 +1,176 @@
+"""Training throughput of the SFT and DPO phases: DeepSpeed ZeRO-2 vs ZeRO-3 vs plain torch DDP, one run.
+
+Each (phase, backend) is a real `run_sft` / `run_dpo` Ray Train fit on the same rows and settings.
+tokens/s is what the worker loop measures per optimizer step (all non-pad tokens fed forward:
+prompt + response, and all 1+K sequences of a DPO row), summed over workers, averaged over the
+steps after the first (start-up excluded); fit_s is the whole fit including worker start-up.
+
+    .venv/bin/python benchmarks/train_throughput.py                      # tiny model, CPU, 2 workers
+    .venv/bin/python benchmarks/train_throughput.py --model 0.5b --workers 1 --dtype bfloat16   # GPU
+
+`--model 0.5b` builds a random-init Llama with Qwen2.5-0.5B's shape (hidden 896, 24 layers, 14 heads,
+2 KV heads, MLP 4864, vocab 151936, tied embeddings: ~494M parameters). MFU is only printed on CUDA:
+6 * N * tokens/s / peak, N = non-embedding parameters. With LoRA the backward pass skips weight
+gradients of the frozen base, so the real work is nearer 4 * N per token: 6N overstates MFU by ~1.5x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+from sprec_ray.config import load_config
+from sprec_ray.data.dataset import load_dataset
+from sprec_ray.data.prompts import render_prompt, render_response
+from sprec_ray.data.synthetic import write_synthetic_sprec
+from sprec_ray.models.base import build_tiny_model
+from sprec_ray.runtime import init_ray
+
+BACKENDS = {"ddp": 0, "zero2": 2, "zero3": 3}
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}  # dense bf16
+
+
+def build_model(kind: str, cache: Path, texts: list[str]) -> Path:
+    tiny = build_tiny_model(cache / "tiny", texts)
+    if kind == "tiny":
+        return tiny
+    out = cache / "llama-0.5b-random"
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    config = LlamaConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=2048,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def param_counts(model_dir: Path) -> tuple[int, int]:
+    """(all parameters, non-embedding parameters) of the base model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    total = sum(p.numel() for p in model.parameters())
+    return total, total - model.get_input_embeddings().weight.numel()
+
+
+def fresh_adapter(model_dir: Path, out: Path) -> Path:
+    """An untrained LoRA to start DPO from (the phase only needs *an* SFT adapter to time)."""
+    from sprec_ray.config import LoraConfig
+    from sprec_ray.train.engine import build_policy
+
+    build_policy(model_dir, LoraConfig(), None, "float32", seed=0).save_pretrained(str(out))
+    return out
+
+
+def peak_flops() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=["tiny", "0.5b"], default="tiny")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--rows", type=int, default=96, help="training rows (SFT and DPO each)")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--grad-accum", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=16, help="optimizer steps per fit")
+    ap.add_argument("--repeats", type=int, default=1, help="sweeps over all configs; the best tokens/s is kept "
+                    "(robust to other load on a shared machine)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--backends", default="ddp,zero2,zero3")
+    ap.add_argument("--phases", default="sft,dpo")
+    ap.add_argument("--out", default="bench_out/train_throughput.json")
+    args = ap.parse_args()
+
+    import ray.data
+    import torch
+
+    from sprec_ray.train.phases import run_dpo, run_sft
+
+    out_path = Path(args.out)
+    work = out_path.parent / "train_throughput_work"
+    data_dir = write_synthetic_sprec(work / "data", num_items=200, num_users=max(200, args.rows * 2), seed=0)
+    data = load_dataset(load_config(None, [f"data.path={data_dir}"]).data, work / "scratch")
+    titles = data.catalogue.titles
+    model_dir = build_model(args.model, work / "models",
+                            [render_prompt(titles[i:i + 10]) + render_response(titles[i]) for i in range(0, len(titles), 2)])
+    n_all, n_nonembed = param_counts(model_dir)
+    examples = data.train[:args.rows]
+    rows = [{"row_id": e.row_id, "prompt": render_prompt([titles[i] for i in e.history]),
+             "response": render_response(titles[e.target]),
+             "rejected": [render_response(titles[(e.target + 1) % len(titles)])]} for e in examples]
+    use_gpu = torch.cuda.is_available()
+    init_ray(num_cpus=max(4, args.workers * 2))
+    peak = peak_flops()
+    start_adapter = fresh_adapter(model_dir, work / "adapters" / "start")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for repeat, phase, backend in ((r, p, b) for r in range(args.repeats) for p in args.phases.split(",")
+                                   for b in args.backends.split(",")):
+        section = "sft" if phase == "sft" else "dpo"
+        cfg = load_config(None, [
+            f"output_dir={work}/runs", f"model.dtype={args.dtype}", f"train.zero_stage={BACKENDS[backend]}",
+            f"train.num_workers={args.workers}", f"train.use_gpu={str(use_gpu).lower()}",
+            f"train.cpus_per_worker={1 if use_gpu else 0.5}", "train.checkpoint_every=1000",
+            f"{section}.batch_size={args.batch_size}", f"{section}.grad_accum={args.grad_accum}",
+            f"{section}.max_steps={args.steps}", f"{section}.epochs=1000", f"{section}.lr=0.0001",
+            f"{section}.warmup_steps=0", "model.max_response_len=64"])
+        name = f"bench-{phase}-{backend}-{stamp}-{repeat}"
+        ds = ray.data.from_items(rows)
+        load = os.getloadavg()[0]  # other processes on a shared box skew CPU numbers; recorded per fit
+        start = time.perf_counter()
+        if phase == "sft":
+            res = run_sft(cfg, model_dir, ds, work / "adapters" / name, None, name)
+        else:
+            res = run_dpo(cfg, model_dir, ds, work / "adapters" / name, start_adapter, name)
+        fit_s = time.perf_counter() - start
+        tps = res.metrics["tokens_per_s"]
+        runs.setdefault((phase, backend), []).append({"tokens_per_s": tps, "fit_s": fit_s, "steps": res.metrics["steps"],
+                                                   "load_average_1m": load})
+        print(f"{phase} {backend} (sweep {repeat + 1}/{args.repeats}): {tps:,.0f} tokens/s, fit {fit_s:.1f} s", flush=True)
+    results = []
+    for (phase, backend), tries in runs.items():
+        best = max(tries, key=lambda t: t["tokens_per_s"])
+        results.append({"phase": phase, "backend": backend, **best, "all_tokens_per_s": [t["tokens_per_s"] for t in tries],
+                        "mfu_6n": 6 * n_nonembed * best["tokens_per_s"] / peak if peak else None})
+    for r in results:
+        base = next((x["tokens_per_s"] for x in results if x["phase"] == r["phase"] and x["backend"] == "ddp"), None)
+        r["vs_ddp"] = r["tokens_per_s"] / base if base else None
+    device = torch.cuda.get_device_name(0) if use_gpu else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads in driver)"
+    report = {"model": args.model, "params": n_all, "non_embedding_params": n_nonembed, "device": device,
+              "workers": args.workers, "dtype": args.dtype, "rows": len(rows), "batch_size": args.batch_size,
+              "grad_accum": args.grad_accum, "steps": args.steps, "repeats": args.repeats, "results": results}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(report, indent=2))
+    print(f"\n{args.model} ({n_all / 1e6:.1f}M params), {args.workers} workers, {device}, {args.dtype}\n")
+    print("| phase | backend | tokens/s | vs DDP | fit s | MFU (6N) |")
+    print("|---|---|---:|---:|---:|---:|")
+    for r in results:
+        mfu = f"{100 * r['mfu_6n']:.1f}%" if r["mfu_6n"] is not None else "n/a (CPU)"
+        ratio = f"{r['vs_ddp']:.2f}x" if r["vs_ddp"] else "-"
+        print(f"| {r['phase']} | {r['backend']} | {r['tokens_per_s']:,.0f} | {ratio} | {r['fit_s']:.1f} | {mfu} |")
+    shutil.rmtree(work / "runs", ignore_errors=True)  # Ray Train run dirs and checkpoints of the timed fits
+    print(f"\nwrote {out_path}")
+
+
+if __name__ == "__main__":
+    main()

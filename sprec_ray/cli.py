@@ -1,0 +1,91 @@
+"""`sprec-ray prepare|train|eval|serve --config FILE [section.key=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .config import ConfigError, RunConfig, load_config
+from .data.records import DataError
+
+log = logging.getLogger("sprec_ray")
+
+
+def _config(args: argparse.Namespace) -> RunConfig:
+    if getattr(args, "run", None):
+        return load_config(Path(args.run) / "config.yaml", args.overrides)
+    return load_config(args.config, args.overrides)
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from .data.dataset import load_dataset
+
+    cfg = _config(args)
+    data = load_dataset(cfg.data, Path(cfg.output_dir) / "scratch", seed=cfg.seed)
+    print(json.dumps({"items": len(data.catalogue), "train": len(data.train), "valid": len(data.valid),
+                      "bad_rows": [b.summary() for b in data.bad], "files": data.source_hashes}, indent=2))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .selfplay import run_selfplay
+
+    run_selfplay(_config(args), resume=args.resume)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    """Evaluate a finished run's final adapter (or --adapter) on the validation split."""
+    from .selfplay import SelfPlayDriver, setup_logging
+
+    setup_logging()
+    cfg = _config(args)
+    driver = SelfPlayDriver(cfg, resume=True)
+    final = json.loads((driver.run_dir / "final.json").read_text())
+    from .runtime import init_ray
+
+    init_ray(cfg.ray_address, cfg.ray_num_cpus)
+    driver.base_model = Path(final["base_model"])
+    _, metrics = driver._evaluate(final["round"], args.adapter or final["adapter"])
+    driver.shutdown_pool()
+    print(json.dumps(metrics, indent=2))
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .serve.app import serve_run
+
+    serve_run(Path(args.run), args.overrides, block=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sprec-ray", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn, needs_run in (("prepare", cmd_prepare, False), ("train", cmd_train, False),
+                                ("eval", cmd_eval, True), ("serve", cmd_serve, True)):
+        p = sub.add_parser(name)
+        if needs_run:
+            p.add_argument("--run", required=True, help="run directory written by `sprec-ray train`")
+        else:
+            p.add_argument("--config", default=None, help="YAML config (defaults apply when omitted)")
+        p.add_argument("overrides", nargs="*", help="section.key=value, e.g. selfplay.rounds=3")
+        if name == "train":
+            p.add_argument("--resume", action="store_true", help="skip finished phases, continue the interrupted one")
+        if name == "eval":
+            p.add_argument("--adapter", default=None, help="evaluate this adapter instead of the run's final one")
+        p.set_defaults(fn=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except (ConfigError, DataError, FileExistsError, FileNotFoundError) as err:
+        print(f"sprec-ray {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Generated completions -> parsed titles -> grounded top-K lists -> ranking metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..data.catalogue import Catalogue
+from ..data.prompts import parse_response
+from ..data.records import Example
+from .metrics import ranking_metrics
+
+
+def evaluate_completions(completions: Sequence[Sequence[str]], rows: Sequence[Example], catalogue: Catalogue,
+                         grounder, ks: Sequence[int]) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Metrics over `rows` from the first completion of each, plus one prediction record per row."""
+    if len(completions) != len(rows):
+        raise ValueError(f"{len(completions)} completions for {len(rows)} rows")
+    texts = [parse_response(c[0]) if c else "" for c in completions]
+    valid = np.array([bool(t) for t in texts])
+    ids, scores = grounder.ground(texts, k=max(ks))
+    metrics = ranking_metrics(ids, [e.target for e in rows], [e.history for e in rows], catalogue, ks, valid=valid)
+    predictions = [{"row_id": e.row_id, "target": e.target, "generated": c[0] if c else "", "parsed": t,
+                    "top": ids[i, : max(ks)].tolist()}
+                   for i, (e, c, t) in enumerate(zip(rows, completions, texts, strict=True))]
+    return metrics, predictions

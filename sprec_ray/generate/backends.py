@@ -1,0 +1,136 @@
+"""One interface over the two generation engines: vLLM (the pool's default) and transformers `generate`.
+
+Both backends tokenize prompts themselves with the base model's tokenizer, so the same prompt gives
+the same token ids in either engine, and both cut a completion right after the closing quote of
+'"Title"' (the stop string '"\\n', or EOS). `cfg.backend` picks one; vLLM is imported lazily inside the
+vLLM backend only, because it spawns an EngineCore process and must not run at import time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol, runtime_checkable
+
+from ..config import GenerationConfig
+
+# A title completion is '"Title"' followed by EOS; an untrained model may write a newline instead.
+STOP_STRING = '"\n'
+# vLLM only accepts these LoRA ranks for its pre-allocated LoRA slots.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How to decode; defaults come from GenerationConfig, a call may override them (e.g. greedy for
+    evaluation and n sampled completions for S-DPO negatives on the same engines)."""
+
+    mode: Literal["greedy", "sample", "beam"] = "greedy"
+    n: int = 1  # samples or beams per prompt
+    temperature: float = 1.0  # sample only
+    max_new_tokens: int = 32
+
+    @classmethod
+    def from_config(cls, cfg: GenerationConfig) -> Decoding:
+        return cls(cfg.decoding, cfg.n, cfg.temperature, cfg.max_new_tokens)
+
+    def check(self) -> Decoding:
+        if self.mode not in ("greedy", "sample", "beam"):
+            raise ValueError(f"generation.decoding = {self.mode!r}: expected greedy, sample or beam")
+        if self.n < 1 or (self.mode == "greedy" and self.n != 1):
+            raise ValueError(f"generation.n = {self.n}: must be 1 for greedy and >= 1 for sample / beam")
+        if self.mode == "sample" and self.temperature <= 0:
+            raise ValueError(f"generation.temperature must be > 0 for sampling, got {self.temperature}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        return self
+
+
+@dataclass(frozen=True)
+class Generated:
+    """Completions (n per prompt, input order) and how many tokens the engine produced for them."""
+
+    texts: list[list[str]]
+    num_tokens: int
+
+
+@runtime_checkable
+class GenerationBackend(Protocol):
+    def generate(self, prompts: Sequence[str], adapter_dir: str | Path | None, adapter_id: int,
+                 seed: int | None = None, decoding: Decoding | None = None) -> list[list[str]]:
+        """n completions per prompt (cfg.n unless `decoding` overrides), in input order.
+        adapter_dir None = the base model."""
+        ...
+
+    def generate_counted(self, prompts: Sequence[str], adapter_dir: str | Path | None, adapter_id: int,
+                         seed: int | None = None, decoding: Decoding | None = None) -> Generated: ...
+
+    def token_logprobs(self, prompts: Sequence[str], completions: Sequence[str],
+                       adapter_dir: str | Path | None, adapter_id: int) -> list[list[float]]:
+        """log p(token | prefix) of every completion token, completion tokenized on its own."""
+        ...
+
+    def logprobs(self, prompts: Sequence[str], completions: Sequence[str],
+                 adapter_dir: str | Path | None, adapter_id: int) -> list[float]:
+        """Summed completion log-prob per (prompt, completion) pair."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def cut_at_stop(text: str) -> str:
+    """Keep text up to and including the quote of the first '"\\n' (the rest is past the answer)."""
+    end = text.find(STOP_STRING)
+    return text if end < 0 else text[: end + 1]
+
+
+def resolve_dtype(cfg_dtype: str, backend: str, on_cuda: bool) -> str:
+    if cfg_dtype != "auto":
+        return cfg_dtype
+    if backend == "vllm" or on_cuda:
+        return "bfloat16"
+    return "float32"  # transformers on CPU: bf16 matmuls are slower than fp32 on most CPUs
+
+
+def vllm_lora_rank(max_lora_rank: int) -> int:
+    """The smallest rank vLLM accepts that holds an adapter of rank `max_lora_rank`."""
+    for rank in VLLM_LORA_RANKS:
+        if rank >= max_lora_rank:
+            return rank
+    raise ValueError(f"LoRA rank {max_lora_rank} exceeds vLLM's maximum {VLLM_LORA_RANKS[-1]}")
+
+
+def check_prompt_lengths(lengths: Sequence[int], max_new_tokens: int, max_model_len: int) -> None:
+    """Fail on the first prompt that cannot fit with its completion, naming it (no silent truncation)."""
+    for i, n in enumerate(lengths):
+        if n + max_new_tokens > max_model_len:
+            raise ValueError(f"prompt {i} has {n} tokens; with generation.max_new_tokens={max_new_tokens} it "
+                             f"exceeds generation.max_model_len={max_model_len} (raise it or shorten the history)")
+
+
+def check_decoding(cfg: GenerationConfig) -> None:
+    Decoding.from_config(cfg).check()
+
+
+def adapter_path(adapter_dir: str | Path | None) -> Path | None:
+    if adapter_dir is None:
+        return None
+    path = Path(adapter_dir).expanduser().resolve()
+    if not (path / "adapter_config.json").exists():
+        raise FileNotFoundError(f"adapter dir {path} has no adapter_config.json (expected a peft save_pretrained dir)")
+    return path
+
+
+def make_backend(cfg: GenerationConfig, base_model: str | Path, max_lora_rank: int, seed: int) -> GenerationBackend:
+    """The engine named by cfg.backend ("vllm" | "hf") for the base checkpoint at `base_model`."""
+    check_decoding(cfg)
+    if cfg.backend == "vllm":
+        from .vllm_backend import VLLMBackend
+
+        return VLLMBackend(cfg, base_model, max_lora_rank, seed)
+    if cfg.backend == "hf":
+        from .hf_backend import HFBackend
+
+        return HFBackend(cfg, base_model, seed)
+    raise ValueError(f"generation.backend = {cfg.backend!r}: expected 'vllm' or 'hf'")

@@ -1,0 +1,163 @@
+"""transformers `generate` + peft behind the GenerationBackend interface (SPRec's own approach).
+
+Batched with left padding. Adapters are added to one PeftModel by name and the previous one is
+deleted, so switching rounds never reloads the base weights. Also the reference for the vLLM
+adapter check: `token_logprobs` in float32 is what the engine's log-probs are compared with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from ..config import GenerationConfig
+from .backends import (
+    STOP_STRING,
+    Decoding,
+    Generated,
+    adapter_path,
+    check_prompt_lengths,
+    cut_at_stop,
+    resolve_dtype,
+)
+
+
+class HFBackend:
+    def __init__(self, cfg: GenerationConfig, base_model: str | Path, seed: int, device: str | None = None,
+                 dtype: str | None = None) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.cfg = cfg
+        self.seed = seed
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype_name = dtype or resolve_dtype(cfg.dtype, "hf", self.device.type == "cuda")
+        self.tokenizer = AutoTokenizer.from_pretrained(str(base_model))
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=getattr(torch, dtype_name))
+        self.model = model.to(self.device).eval()
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        self.eos_ids = set(eos) if isinstance(eos, list) else {eos}
+        self._peft = None  # PeftModel wrapping self.model once the first adapter arrives
+        self._active: tuple[int, Path] | None = None
+        self._loads = 0
+
+    # ---- adapters --------------------------------------------------------------------------
+    def _activate(self, adapter_dir: str | Path | None, adapter_id: int) -> None:
+        path = adapter_path(adapter_dir)
+        if path is None:
+            return
+        if self._active == (adapter_id, path):
+            return
+        from peft import PeftModel
+
+        # a fresh internal name per load: an id reused for another dir can never hit stale weights
+        self._loads += 1
+        name = f"adapter{self._loads}"
+        if self._peft is None:
+            self._peft = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+        else:
+            self._peft.load_adapter(str(path), adapter_name=name)
+        self._peft.set_adapter(name)
+        for old in [n for n in self._peft.peft_config if n != name]:
+            self._peft.delete_adapter(old)
+        self._peft.eval()
+        self._active = (adapter_id, path)
+
+    @contextlib.contextmanager
+    def _model_for(self, adapter_dir: str | Path | None, adapter_id: int) -> Iterator[object]:
+        self._activate(adapter_dir, adapter_id)
+        if adapter_dir is None and self._peft is not None:
+            with self._peft.disable_adapter():  # the base model, LoRA layers bypassed
+                yield self._peft
+        else:
+            yield self._peft if self._peft is not None else self.model
+
+    # ---- generation ------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[str], adapter_dir: str | Path | None, adapter_id: int,
+                 seed: int | None = None, decoding: Decoding | None = None) -> list[list[str]]:
+        return self.generate_counted(prompts, adapter_dir, adapter_id, seed, decoding).texts
+
+    def generate_counted(self, prompts: Sequence[str], adapter_dir: str | Path | None, adapter_id: int,
+                         seed: int | None = None, decoding: Decoding | None = None) -> Generated:
+        import torch
+        from transformers import GenerationConfig as HFGenerationConfig
+
+        dec = (decoding or Decoding.from_config(self.cfg)).check()
+        if not prompts:
+            return Generated([], 0)
+        enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True)
+        check_prompt_lengths(enc["attention_mask"].sum(1).tolist(), dec.max_new_tokens, self.cfg.max_model_len)
+        n = dec.n
+        gen = HFGenerationConfig(
+            max_new_tokens=dec.max_new_tokens, num_return_sequences=n,
+            do_sample=dec.mode == "sample", num_beams=n if dec.mode == "beam" else 1,
+            temperature=dec.temperature if dec.mode == "sample" else None, top_p=None, top_k=None,
+            eos_token_id=sorted(self.eos_ids), pad_token_id=self.tokenizer.pad_token_id,
+            stop_strings=[STOP_STRING],
+        )
+        self._activate(adapter_dir, adapter_id)  # first: creating LoRA layers draws random numbers
+        # one seed per call: the pool derives it from (run seed, round, shard), so results do not
+        # depend on which actor ran the shard
+        torch.manual_seed(self.seed if seed is None else seed)
+        with torch.inference_mode(), self._model_for(adapter_dir, adapter_id) as model:
+            out = model.generate(**enc.to(self.device), generation_config=gen, tokenizer=self.tokenizer)
+        new = out[:, enc["input_ids"].shape[1]:].cpu()
+        texts, num_tokens = [], 0
+        for row in new.tolist():
+            kept = self._until_end(row)
+            num_tokens += len(kept)
+            text = self.tokenizer.decode(kept, skip_special_tokens=True)
+            # a multi-byte character cut off by max_new_tokens is dropped, as vLLM's detokenizer does
+            texts.append(cut_at_stop(text.rstrip("\ufffd")))
+        return Generated([texts[i * n:(i + 1) * n] for i in range(len(prompts))], num_tokens)
+
+    def _until_end(self, row: list[int]) -> list[int]:
+        """Generated ids up to and including the first EOS; padding after a stop is dropped."""
+        for j, tok in enumerate(row):
+            if tok in self.eos_ids:
+                return row[: j + 1]
+            if tok == self.tokenizer.pad_token_id:
+                return row[:j]
+        return row
+
+    # ---- scoring ---------------------------------------------------------------------------
+    def token_logprobs(self, prompts: Sequence[str], completions: Sequence[str],
+                       adapter_dir: str | Path | None, adapter_id: int) -> list[list[float]]:
+        import torch
+
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        pairs = [(self._ids(p, True), self._ids(c, False)) for p, c in zip(prompts, completions, strict=True)]
+        width = max(len(p) + len(c) for p, c in pairs) if pairs else 0
+        pad = self.tokenizer.pad_token_id
+        # right padding: positions count from 0 for every row without position_ids bookkeeping
+        ids = torch.full((len(pairs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(pairs), width), dtype=torch.long)
+        for i, (p, c) in enumerate(pairs):
+            ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+            mask[i, : len(p) + len(c)] = 1
+        result: list[list[float]] = []
+        with torch.inference_mode(), self._model_for(adapter_dir, adapter_id) as model:
+            logits = model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.float()
+            logp = torch.log_softmax(logits, dim=-1).cpu()
+        for i, (p, c) in enumerate(pairs):
+            pos = torch.arange(len(p) - 1, len(p) + len(c) - 1)
+            result.append(logp[i, pos, torch.tensor(c, dtype=torch.long)].tolist() if c else [])
+        return result
+
+    def logprobs(self, prompts: Sequence[str], completions: Sequence[str],
+                 adapter_dir: str | Path | None, adapter_id: int) -> list[float]:
+        return [sum(t) for t in self.token_logprobs(prompts, completions, adapter_dir, adapter_id)]
+
+    def _ids(self, text: str, special: bool) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+
+    def close(self) -> None:
+        self._peft = None
+        self.model = None

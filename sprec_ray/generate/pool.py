@@ -1,0 +1,424 @@
+"""A pool of Ray actors, one generation engine each, that turns a round's prompts into completions.
+
+The driver cuts the prompts into shards of `cfg.shard_size` and keeps up to
+`cfg.max_inflight_per_actor` shards queued on each actor, always feeding the least busy one
+(`ray.wait` on everything in flight). Results come back tagged with (round, adapter id, shard) and
+are put back in input order. Nothing waits forever: every `ray.wait`/`ray.get` has a deadline.
+
+Faults: an actor that dies, or does not answer within `cfg.request_timeout_s`, is killed, its queued
+shards go back to the front of the queue, and a replacement actor is started (at most
+`cfg.max_actor_restarts` per pool; after that the dead slot is dropped). A round fails only when no
+actor is left or a shard raises an error of its own (a bad prompt fails the same way anywhere).
+
+Adapters: a round's adapter gets a fresh LoRA id whenever its (round, dir, file contents) change, and
+each actor that switches to it must pass the probe check (adapter_check.py) before it gets a shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import GenerationConfig
+from ..runtime import worker_env
+from .adapter_check import ProbeResult, compare_probe, reference_token_logprobs, run_probe
+from .backends import Decoding, adapter_path, check_decoding, make_backend
+
+log = logging.getLogger(__name__)
+
+
+class GenerationError(RuntimeError):
+    """A round could not produce one result per prompt."""
+
+
+class GenerationTimeoutError(GenerationError):
+    pass
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    shard: int
+    round_id: int
+    adapter_id: int
+    texts: list[list[str]]
+    num_tokens: int
+    seconds: float
+
+
+@dataclass
+class RoundStats:
+    """What one `generate` call did; `pool.last_stats` after each round."""
+
+    round_id: int
+    adapter_id: int
+    prompts: int = 0
+    shards: int = 0
+    completions: int = 0
+    gen_tokens: int = 0
+    wall_s: float = 0.0
+    switch_s: float = 0.0  # adapter switch + probe check, all actors (they switch in parallel)
+    probe_diff: float = float("nan")  # worst actor's mean |delta log p| per token
+    requeued: int = 0  # shards sent again after their actor died or hung
+    replaced: int = 0  # actors started to replace dead ones
+    dropped: int = 0  # dead actors not replaced (restart budget spent)
+    shards_per_actor: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def prompts_per_s(self) -> float:
+        return self.prompts / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.gen_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+
+class GenerationActor:
+    """Holds one engine; runs in its own Ray actor process (wrapped with ray.remote by the pool)."""
+
+    def __init__(self, cfg: GenerationConfig, base_model: str, max_lora_rank: int, seed: int) -> None:
+        self.backend = make_backend(cfg, base_model, max_lora_rank, seed)
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def switch(self, adapter_dir: str | None, adapter_id: int, probe_prompts: list[str]) -> ProbeResult | None:
+        if not probe_prompts:
+            return None
+        return run_probe(self.backend, probe_prompts, adapter_dir, adapter_id)
+
+    def generate_shard(self, shard: int, round_id: int, adapter_dir: str | None, adapter_id: int,
+                       prompts: list[str], seed: int, decoding: Decoding) -> ShardResult:
+        start = time.perf_counter()
+        out = self.backend.generate_counted(prompts, adapter_dir, adapter_id, seed, decoding)
+        return ShardResult(shard, round_id, adapter_id, out.texts, out.num_tokens, time.perf_counter() - start)
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+@dataclass
+class _Slot:
+    index: int
+    actor: Any = None
+    state: str = "starting"  # starting -> idle (engine up) -> switching -> ready; or dead
+    key: tuple | None = None  # the adapter key this actor serves once ready
+    inflight: int = 0
+    pid: int = 0
+
+
+@dataclass
+class _Task:
+    kind: str  # start | switch | shard
+    slot: int
+    deadline: float
+    shard: int = -1
+    key: tuple | None = None
+
+
+def shard_seed(seed: int, round_id: int, shard: int) -> int:
+    """Sampling seed of a shard: fixed by (run seed, round, shard), whichever actor runs it."""
+    return int(np.random.SeedSequence([seed, round_id, shard]).generate_state(1)[0] % (2**31 - 1))
+
+
+def adapter_fingerprint(adapter_dir: str | Path | None) -> str:
+    """Hash of the adapter's files: an adapter rewritten in place gets a new LoRA id, never stale weights."""
+    path = adapter_path(adapter_dir)
+    if path is None:
+        return "base"
+    digest = hashlib.sha256()
+    for f in sorted(p for p in path.iterdir() if p.is_file() and p.name.startswith("adapter_")):
+        digest.update(f.name.encode())
+        digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _check_pool_config(cfg: GenerationConfig) -> None:
+    check_decoding(cfg)
+    positive = {"num_actors": cfg.num_actors, "shard_size": cfg.shard_size, "tensor_parallel": cfg.tensor_parallel,
+                "max_inflight_per_actor": cfg.max_inflight_per_actor, "max_new_tokens": cfg.max_new_tokens}
+    for key, value in positive.items():
+        if value < 1:
+            raise ValueError(f"generation.{key} must be >= 1, got {value}")
+    for key in ("request_timeout_s", "startup_timeout_s"):
+        if not getattr(cfg, key) > 0:
+            raise ValueError(f"generation.{key} must be > 0, got {getattr(cfg, key)}")
+    if cfg.max_actor_restarts < 0 or cfg.probe_size < 0 or cfg.probe_tolerance < 0:
+        raise ValueError("generation.max_actor_restarts, probe_size and probe_tolerance must be >= 0")
+    if cfg.tensor_parallel > 1 and cfg.gpus_per_actor < cfg.tensor_parallel:
+        raise ValueError(f"generation.tensor_parallel={cfg.tensor_parallel} needs gpus_per_actor >= "
+                         f"{cfg.tensor_parallel}, got {cfg.gpus_per_actor}")
+
+
+class GenerationPool:
+    def __init__(self, cfg: GenerationConfig, base_model: str | Path, max_lora_rank: int, seed: int) -> None:
+        import ray
+
+        _check_pool_config(cfg)
+        if base_model is None or not (Path(base_model) / "config.json").exists():
+            raise FileNotFoundError(f"base_model {base_model!r} is not a checkpoint dir with config.json")
+        self.cfg = cfg
+        self.base_model = str(Path(base_model).resolve())
+        self.max_lora_rank = max_lora_rank
+        self.seed = seed
+        self.last_stats: RoundStats | None = None
+        self._remote = ray.remote(GenerationActor)
+        self._slots = [_Slot(i) for i in range(cfg.num_actors)]
+        self._pending: dict[Any, _Task] = {}
+        self._restarts = 0
+        self._key_ids: dict[tuple, int] = {}  # adapter key -> LoRA id; a new key gets a new id
+        self._references: dict[tuple, list[list[float]]] = {}
+        self._broken: BaseException | None = None
+        start = time.perf_counter()
+        for slot in self._slots:
+            self._start(slot)
+        try:  # all engines start in parallel; the pool is usable once every one answered
+            ray.get(list(self._pending), timeout=cfg.startup_timeout_s)
+        except Exception:
+            self.shutdown()
+            raise
+        for ref, task in list(self._pending.items()):
+            self._slots[task.slot].pid = ray.get(ref, timeout=1.0)
+            self._slots[task.slot].state = "idle"
+        self._pending.clear()
+        self.startup_s = time.perf_counter() - start
+        log.info("generation pool: %d %s actors up in %.1fs", cfg.num_actors, cfg.backend, self.startup_s)
+
+    # ---- actors ------------------------------------------------------------------------------
+    def _actor_env(self, index: int) -> dict[str, str]:
+        env = dict(worker_env())
+        cfg = self.cfg
+        if cfg.gpus_per_actor == 0 and cfg.backend == "vllm":
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_gib)
+            # vLLM binds its OpenMP threads to cores; without a split every engine picks the same ones
+            cores = sorted(os.sched_getaffinity(0))
+            per = len(cores) // cfg.num_actors
+            if cfg.num_actors > 1 and per >= 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+                env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in cores[index * per:(index + 1) * per])
+        return env
+
+    def _start(self, slot: _Slot) -> None:
+        cfg = self.cfg
+        options: dict[str, Any] = dict(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor, max_restarts=0,
+                                       max_task_retries=0, runtime_env={"env_vars": self._actor_env(slot.index)})
+        slot.actor = self._remote.options(**options).remote(cfg, self.base_model, self.max_lora_rank, self.seed)
+        slot.state, slot.key, slot.inflight = "starting", None, 0
+        self._pending[slot.actor.ready.remote()] = _Task("start", slot.index, time.monotonic() + cfg.startup_timeout_s)
+
+    def _fail(self, slot: _Slot, why: str, queue: deque[int], stats: RoundStats | None,
+              failed: _Task | None = None) -> None:
+        """Kill the actor, re-queue its shards (`failed`: the task that showed the failure, already
+        taken off the pending map), start a replacement if the budget allows."""
+        import ray
+
+        log.warning("generation actor %d (pid %d) failed: %s", slot.index, slot.pid, why)
+        lost = [failed] if failed is not None else []
+        for ref, task in list(self._pending.items()):
+            if task.slot == slot.index:
+                del self._pending[ref]
+                lost.append(task)
+        for task in sorted((t for t in lost if t.kind == "shard"), key=lambda t: -t.shard):
+            queue.appendleft(task.shard)  # lowest shard first again
+            if stats is not None:
+                stats.requeued += 1
+        try:
+            ray.kill(slot.actor, no_restart=True)
+        except Exception as err:  # already gone
+            log.debug("ray.kill on actor %d: %s", slot.index, err)
+        slot.state, slot.inflight = "dead", 0
+        if self._restarts < self.cfg.max_actor_restarts:
+            self._restarts += 1
+            if stats is not None:
+                stats.replaced += 1
+            log.warning("starting replacement actor %d (%d/%d restarts used)", slot.index, self._restarts,
+                        self.cfg.max_actor_restarts)
+            self._start(slot)
+        elif stats is not None:
+            stats.dropped += 1
+
+    # ---- adapters ----------------------------------------------------------------------------
+    def _adapter_key(self, adapter_dir: str | Path | None, round_id: int) -> tuple:
+        path = adapter_path(adapter_dir)
+        return (round_id, str(path) if path else None, adapter_fingerprint(path))
+
+    def _verify(self, key: tuple, probe: ProbeResult | None, slot: _Slot) -> float:
+        import ray
+
+        if probe is None:
+            return float("nan")
+        ref_key = (key, probe.completions)
+        if ref_key not in self._references:
+            # fp32 transformers+peft in a CPU task; num_cpus=0 so it can never wait behind the actors
+            task = ray.remote(num_cpus=0)(reference_token_logprobs).options(
+                runtime_env={"env_vars": worker_env()})
+            self._references[ref_key] = ray.get(
+                task.remote(self.base_model, key[1], list(probe.prompts), list(probe.completions),
+                            self.cfg.max_model_len), timeout=self.cfg.request_timeout_s)
+        return compare_probe(probe, self._references[ref_key], self.cfg.probe_tolerance,
+                             what=f"generation actor {slot.index} (round {key[0]}, adapter {key[1]})")
+
+    # ---- the round ---------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[str], adapter_dir: str | Path | None, round_id: int, *,
+                 decoding: Decoding | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> list[list[str]]:
+        """n completions per prompt, in input order, from `adapter_dir` (None = base model).
+        `decoding` overrides the config's (greedy/sample/beam, n, ...) for this call only;
+        `progress(done_shards, total_shards)` is called after every shard."""
+        if self._broken is not None:
+            raise GenerationError(f"this pool failed earlier ({self._broken!r}); shut it down and start a new one")
+        if isinstance(prompts, str) or any(not isinstance(p, str) for p in prompts):
+            raise TypeError("prompts must be a sequence of str")
+        dec = (decoding or Decoding.from_config(self.cfg)).check()
+        key = self._adapter_key(adapter_dir, round_id)
+        adapter_id = self._key_ids.setdefault(key, len(self._key_ids) + 1)
+        stats = RoundStats(round_id, adapter_id, prompts=len(prompts))
+        size = self.cfg.shard_size
+        bounds = [(s, min(s + size, len(prompts))) for s in range(0, len(prompts), size)]
+        stats.shards = len(bounds)
+        try:
+            results = self._run(list(prompts), bounds, key, adapter_id, dec, stats, progress)
+        except BaseException as err:
+            self._broken = err
+            raise
+        out = [texts for r in results for texts in r.texts]
+        stats.completions = sum(len(t) for t in out)
+        self.last_stats = stats
+        log.info("round %d: %d prompts in %.1fs (%.1f prompts/s, %.0f tok/s), %d shards, %d re-queued, %d replaced",
+                 round_id, stats.prompts, stats.wall_s, stats.prompts_per_s, stats.tokens_per_s, stats.shards,
+                 stats.requeued, stats.replaced)
+        return out
+
+    def _run(self, prompts: list[str], bounds: list[tuple[int, int]], key: tuple, adapter_id: int,
+             dec: Decoding, stats: RoundStats, progress: Callable[[int, int], None] | None) -> list[ShardResult]:
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError, WorkerCrashedError
+
+        cfg = self.cfg
+        start = time.perf_counter()
+        adapter_dir, round_id = key[1], key[0]
+        probe_prompts = prompts[: cfg.probe_size] if cfg.verify_adapter else []
+        queue: deque[int] = deque(range(len(bounds)))
+        results: list[ShardResult | None] = [None] * len(bounds)
+        done = 0
+        warming = True  # at round start, wait until every running engine switched: an even first split
+        while done < len(bounds):
+            for slot in self._slots:  # engines up but on another adapter: switch and probe them
+                if slot.state == "idle" or (slot.state == "ready" and slot.key != key and slot.inflight == 0):
+                    slot.state = "switching"
+                    ref = slot.actor.switch.remote(adapter_dir, adapter_id, probe_prompts)
+                    self._pending[ref] = _Task("switch", slot.index, time.monotonic() + cfg.request_timeout_s,
+                                               key=key)
+            warming = warming and any(s.state == "switching" for s in self._slots)
+            if not warming:
+                self._dispatch(queue, bounds, prompts, key, adapter_id, dec)
+            if not self._pending:
+                raise GenerationError(f"round {round_id}: no generation actor left (all died; "
+                                      f"{self._restarts} restarts used), {len(bounds) - done} shards undone")
+            now = time.monotonic()
+            wait_s = max(0.0, min(t.deadline for t in self._pending.values()) - now)
+            # short slices: a blocked ray.wait does not see Ctrl-C; deadlines are checked on every pass
+            ready, _ = ray.wait(list(self._pending), num_returns=1, timeout=min(wait_s, 2.0))
+            if not ready:
+                for ref, task in list(self._pending.items()):
+                    if ref in self._pending and task.deadline <= time.monotonic():
+                        self._fail(self._slots[task.slot], f"{task.kind} timed out", queue, stats)
+                continue
+            ref = ready[0]
+            task = self._pending.pop(ref)
+            slot = self._slots[task.slot]
+            try:
+                value = ray.get(ref, timeout=cfg.request_timeout_s)
+            except (RayActorError, WorkerCrashedError, GetTimeoutError) as err:
+                self._fail(slot, f"{task.kind}: {type(err).__name__}: {err}", queue, stats, failed=task)
+                continue
+            except Exception as err:  # the engine raised: deterministic, retrying elsewhere would too
+                what = f"shard {task.shard}" if task.kind == "shard" else task.kind
+                raise GenerationError(f"round {round_id}: {what} failed on generation actor {slot.index}: {err}") from err
+            if task.kind == "start":
+                slot.pid, slot.state = value, "idle"
+            elif task.kind == "switch":
+                switch_start = time.perf_counter()
+                diff = self._verify(task.key, value, slot)
+                stats.switch_s += time.perf_counter() - switch_start
+                if not math.isnan(diff):
+                    stats.probe_diff = diff if math.isnan(stats.probe_diff) else max(stats.probe_diff, diff)
+                slot.state, slot.key = "ready", task.key
+            else:
+                slot.inflight -= 1
+                self._accept(value, task, round_id, adapter_id, dec.n, bounds, results, stats)
+                done += 1
+                if progress is not None:
+                    progress(done, len(bounds))
+        stats.wall_s = time.perf_counter() - start
+        return results  # type: ignore[return-value]
+
+    def _dispatch(self, queue: deque[int], bounds: list[tuple[int, int]], prompts: list[str], key: tuple,
+                  adapter_id: int, dec: Decoding) -> None:
+        cfg = self.cfg
+        while queue:
+            ready = [s for s in self._slots if s.state == "ready" and s.key == key
+                     and s.inflight < cfg.max_inflight_per_actor]
+            if not ready:
+                return
+            slot = min(ready, key=lambda s: (s.inflight, s.index))  # least busy
+            shard = queue.popleft()
+            lo, hi = bounds[shard]
+            slot.inflight += 1
+            ref = slot.actor.generate_shard.remote(shard, key[0], key[1], adapter_id, prompts[lo:hi],
+                                                   shard_seed(self.seed, key[0], shard), dec)
+            # a queued shard waits behind the ones before it on the same actor
+            deadline = time.monotonic() + cfg.request_timeout_s * slot.inflight
+            self._pending[ref] = _Task("shard", slot.index, deadline, shard=shard, key=key)
+
+    def _accept(self, value: ShardResult, task: _Task, round_id: int, adapter_id: int, n: int,
+                bounds: list[tuple[int, int]], results: list[ShardResult | None], stats: RoundStats) -> None:
+        lo, hi = bounds[task.shard]
+        if (value.round_id, value.adapter_id, value.shard) != (round_id, adapter_id, task.shard):
+            raise GenerationError(f"stale result: shard {task.shard} came back tagged round {value.round_id}, "
+                                  f"adapter {value.adapter_id}, shard {value.shard}; expected round {round_id}, "
+                                  f"adapter {adapter_id}")
+        if len(value.texts) != hi - lo or any(len(t) != n for t in value.texts):
+            raise GenerationError(f"shard {task.shard}: expected {hi - lo} prompts x {n} completions, got "
+                                  f"{[len(t) for t in value.texts]}")
+        results[task.shard] = value
+        stats.gen_tokens += value.num_tokens
+        stats.shards_per_actor[task.slot] = stats.shards_per_actor.get(task.slot, 0) + 1
+
+    # ---- inspection / teardown ---------------------------------------------------------------
+    @property
+    def actors(self) -> list[Any]:
+        """Live actor handles (tests kill one to exercise the fault path)."""
+        return [s.actor for s in self._slots if s.state != "dead"]
+
+    def shutdown(self) -> None:
+        import ray
+
+        closes = {s.index: s.actor.close.remote() for s in self._slots if s.actor is not None and s.state != "dead"}
+        for index, ref in closes.items():
+            try:
+                ray.get(ref, timeout=30)
+            except Exception as err:  # dead or hung: killed below anyway
+                log.debug("closing actor %d: %s", index, err)
+        for slot in self._slots:
+            if slot.actor is not None:
+                try:
+                    ray.kill(slot.actor, no_restart=True)
+                except Exception as err:
+                    log.debug("ray.kill on actor %d: %s", slot.index, err)
+                slot.actor, slot.state = None, "dead"
+        self._pending.clear()
+
+    def __enter__(self) -> GenerationPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

@@ -1,0 +1,1 @@
+"""The recommendation endpoint: request validation (schema), the model side (recommender), Ray Serve (app)."""

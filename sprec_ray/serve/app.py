@@ -1,0 +1,157 @@
+"""Ray Serve application: `POST /recommend` and `GET /healthz` over a finished run's model.
+
+Two ways in:
+* `serve_run(run_dir, overrides)`: what `sprec-ray serve --run DIR` calls (starts/attaches to Ray).
+* `build_app({"run_dir": ..., "overrides": [...]})`: the import path for Serve config files
+  (`serve run cluster/serve_config.yaml`, KubeRay's RayService serveConfigV2).
+
+Requests are validated in the replica's event loop (a bad request never joins a batch, so it cannot
+fail anyone else's), then batched with `@serve.batch`; a batch runs off the event loop in one
+generate + one ground call. Replicas autoscale between serve.min_replicas and serve.max_replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve import Application
+
+from ..config import ConfigError
+from .recommender import Recommender, RunInfo, load_run, serving_generation
+from .schema import MAX_BODY_BYTES, RecommendRequest, RequestError, check_body_size, parse_request
+
+log = logging.getLogger("sprec_ray.serve")
+APP_NAME = "sprec"
+BUILD_ARGS = ("run_dir", "overrides")
+QUEUED_BATCHES = 8  # per replica; see deployment_options
+
+api = FastAPI(title="sprec-ray recommender")
+
+
+async def _read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The body, but stop reading (413) as soon as it passes `limit`, declared length or not."""
+    check_body_size(request.headers.get("content-length"), None, limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@serve.deployment(name="Recommender")
+@serve.ingress(api)
+class RecommendService:
+    def __init__(self, run_dir: str, overrides: Sequence[str] = ()) -> None:
+        logging.basicConfig(level=logging.INFO)
+        run = load_run(run_dir, overrides)
+        self.core = Recommender(run)
+        self.max_history = run.cfg.serve.max_history
+        self.max_k = run.cfg.serve.max_k
+        self.recommend_batch.set_max_batch_size(run.cfg.serve.max_batch_size)
+        self.recommend_batch.set_batch_wait_timeout_s(run.cfg.serve.batch_wait_timeout_s)
+        self.started = time.time()
+
+    @api.get("/healthz")
+    def healthz(self) -> dict[str, Any]:
+        return {"status": "ok", "round": self.core.run.round, "items": len(self.core.catalogue),
+                "backend": self.core.gen_cfg.backend, "adapter": self.core.adapter_dir is not None,
+                "uptime_s": round(time.time() - self.started, 1)}
+
+    @api.post("/recommend")
+    async def recommend(self, request: Request) -> JSONResponse:
+        try:
+            body = await _read_body(request)
+            req = parse_request(body, self.core.catalogue, self.max_history, self.max_k)
+            self.core.check_prompt(self.core.prompt(req))
+            return JSONResponse(await self.recommend_batch(req))
+        except RequestError as err:
+            return JSONResponse(err.to_json(), status_code=err.status)
+        except Exception:
+            # The trace goes to the replica log, never to the client.
+            log.exception("recommend failed")
+            return JSONResponse({"error": "internal error while recommending; see the server log"}, status_code=500)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # real values set from cfg.serve in __init__
+    async def recommend_batch(self, reqs: list[RecommendRequest]) -> list[dict[str, Any]]:
+        # Generation blocks for tens of ms or more: keep the event loop free for health checks and parsing.
+        return await asyncio.get_running_loop().run_in_executor(None, self.core.recommend, reqs)
+
+
+def deployment_options(run: RunInfo) -> dict[str, Any]:
+    """Replica resources and autoscaling from the run config (a Serve config file can override them)."""
+    s = run.cfg.serve
+    if not 0 <= s.min_replicas <= s.max_replicas or s.max_replicas < 1:
+        raise ConfigError(f"serve.min_replicas={s.min_replicas} and serve.max_replicas={s.max_replicas} must "
+                          f"satisfy 0 <= min_replicas <= max_replicas, max_replicas >= 1")
+    if s.max_batch_size < 1 or s.batch_wait_timeout_s < 0:
+        raise ConfigError(f"serve.max_batch_size must be >= 1 and serve.batch_wait_timeout_s >= 0, got "
+                          f"{s.max_batch_size} and {s.batch_wait_timeout_s}")
+    gen = serving_generation(run.cfg.generation)
+    env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if gen.gpus_per_actor == 0:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(gen.kv_cache_gib)
+    return {
+        # A replica is "busy" at one full batch: more queued work than that is what should add replicas.
+        "autoscaling_config": {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
+                               "initial_replicas": max(s.min_replicas, 1),
+                               "target_ongoing_requests": s.max_batch_size,
+                               "upscale_delay_s": 5.0, "downscale_delay_s": 60.0},
+        # Up to 8 batches queue inside a replica (FIFO into the next batch). Capping at 2 batches made
+        # the excess wait in Serve's router, whose retry backoff cut throughput ~7x at 64 concurrent
+        # clients (benchmarks/serve_load.py); the autoscaler still sees the queue via ongoing requests.
+        "max_ongoing_requests": QUEUED_BATCHES * s.max_batch_size,
+        "ray_actor_options": {"num_cpus": gen.cpus_per_actor, "num_gpus": gen.gpus_per_actor,
+                              "runtime_env": {"env_vars": env}},
+        "health_check_period_s": 10.0,
+    }
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Serve application builder: args = {"run_dir": str, "overrides": ["section.key=value", ...]}."""
+    if not isinstance(args, dict) or "run_dir" not in args:
+        raise ConfigError(f"build_app needs args {{'run_dir': ..., 'overrides': [...]}}, got {args!r}")
+    unknown = sorted(set(args) - set(BUILD_ARGS))
+    if unknown:
+        raise ConfigError(f"unknown build_app arg(s) {unknown}; allowed: {list(BUILD_ARGS)}")
+    overrides = args.get("overrides") or []
+    if not isinstance(overrides, list | tuple) or not all(isinstance(o, str) for o in overrides):
+        raise ConfigError(f"build_app 'overrides' must be a list of 'section.key=value' strings, got {overrides!r}")
+    # Load (and so validate) the run here, at deploy time, so a bad run dir fails before any replica starts.
+    run = load_run(args["run_dir"], overrides)
+    return RecommendService.options(**deployment_options(run)).bind(str(run.run_dir), list(overrides))
+
+
+def serve_run(run_dir: str | Path, cfg_overrides: Sequence[str] = (), block: bool = True) -> str:
+    """Deploy the endpoint for `run_dir` on cfg.serve.host:port and return its base URL.
+    block=True serves until Ctrl-C (then shuts Serve down); False returns once replicas are up."""
+    from ..runtime import init_ray
+
+    run = load_run(run_dir, cfg_overrides)
+    init_ray(run.cfg.ray_address, run.cfg.ray_num_cpus)
+    s = run.cfg.serve
+    serve.start(http_options={"host": s.host, "port": s.port})
+    serve.run(build_app({"run_dir": str(run.run_dir), "overrides": list(cfg_overrides)}),
+              name=APP_NAME, route_prefix="/")
+    url = f"http://{s.host}:{s.port}"
+    log.info("serving %s at %s (POST /recommend, GET /healthz)", run.run_dir, url)
+    if not block:
+        return url
+    print(f"serving {run.run_dir} at {url}  (POST /recommend, GET /healthz); Ctrl-C to stop", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+    return url

@@ -1,0 +1,192 @@
+"""The model side of the endpoint: a finished run's model + catalogue -> ranked catalogue items.
+
+No Ray and no HTTP here, so a replica is a thin shell around `Recommender.recommend`:
+history ids -> `render_prompt` -> generate (greedy, or n beams/samples) -> `parse_response` ->
+`Grounder.ground` against the catalogue (history excluded on request) -> one ranked list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import GenerationConfig, RunConfig, load_config
+from ..data.catalogue import Catalogue
+from ..data.prompts import parse_response, render_prompt
+from ..eval.grounding import normalise_title
+from .schema import RecommendRequest, RequestError
+
+log = logging.getLogger("sprec_ray.serve")
+
+
+class RunDirError(ValueError):
+    """The run directory cannot be served; the message names the file or key."""
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    run_dir: Path
+    cfg: RunConfig
+    base_model: Path
+    adapter: Path | None
+    round: int
+
+
+def _resolve(path: str, run_dir: Path) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (run_dir / p).resolve()
+
+
+def load_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> RunInfo:
+    """Read <run>/config.yaml (+ overrides) and <run>/final.json, checking every path they name."""
+    run_dir = Path(run_dir).expanduser().resolve()
+    if not (run_dir / "config.yaml").is_file():
+        raise RunDirError(f"{run_dir}/config.yaml is missing: is {run_dir} a finished run directory?")
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    final_path = run_dir / "final.json"
+    if not final_path.is_file():
+        raise RunDirError(f"{final_path} is missing: the run has not finished (train it first)")
+    try:
+        final = json.loads(final_path.read_text())
+    except json.JSONDecodeError as err:
+        raise RunDirError(f"{final_path} is not valid JSON: {err}") from None
+    if not isinstance(final, dict):
+        raise RunDirError(f"{final_path} must hold a JSON object")
+    for key, kinds in (("base_model", (str,)), ("adapter", (str, type(None))), ("round", (int,))):
+        if key not in final or not isinstance(final[key], kinds) or isinstance(final[key], bool):
+            raise RunDirError(f"{final_path}: '{key}' is missing or has the wrong type ({final.get(key)!r})")
+    base = _resolve(final["base_model"], run_dir)
+    if not (base / "config.json").is_file():
+        raise RunDirError(f"{final_path}: base_model {base} is not a Hugging Face checkpoint dir (no config.json)")
+    adapter = _resolve(final["adapter"], run_dir) if final["adapter"] else None
+    if adapter is not None and not (adapter / "adapter_config.json").is_file():
+        raise RunDirError(f"{final_path}: adapter {adapter} has no adapter_config.json")
+    _check_remote_code(base, cfg.model.trust_remote_code)
+    return RunInfo(run_dir, cfg, base, adapter, final["round"])
+
+
+def _check_remote_code(base: Path, trust_remote_code: bool) -> None:
+    """Refuse checkpoints that need their own Python code unless the run config allows it."""
+    config = json.loads((base / "config.json").read_text())
+    if config.get("auto_map") and not trust_remote_code:
+        raise RunDirError(f"{base} ships custom model code (auto_map in config.json); set "
+                          f"model.trust_remote_code=true only if you trust that code")
+
+
+def serving_generation(cfg: GenerationConfig) -> GenerationConfig:
+    """vLLM where configured and installed, else the transformers backend."""
+    if cfg.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        log.warning("generation.backend=vllm but vllm is not installed: serving with the hf backend")
+        return dataclasses.replace(cfg, backend="hf")
+    return cfg
+
+
+def _adapter_rank(adapter: Path | None, default: int) -> int:
+    if adapter is None:
+        return default
+    rank = json.loads((adapter / "adapter_config.json").read_text()).get("r", default)
+    return max(int(rank), default) if isinstance(rank, int) else default
+
+
+def load_catalogue(run: RunInfo) -> Catalogue:
+    from ..data.dataset import load_dataset
+
+    return load_dataset(run.cfg.data, run.run_dir / "scratch", seed=run.cfg.seed).catalogue
+
+
+class Recommender:
+    """Holds the generation backend, a tokenizer for length checks and the catalogue grounder."""
+
+    def __init__(self, run: RunInfo, catalogue: Catalogue | None = None) -> None:
+        from transformers import AutoTokenizer
+
+        from ..eval.embedders import make_embedder
+        from ..eval.grounding import Grounder
+        from ..generate.backends import make_backend
+
+        cfg = run.cfg
+        self.run = run
+        self.catalogue = catalogue if catalogue is not None else load_catalogue(run)
+        self.gen_cfg = serving_generation(cfg.generation)
+        self.item_noun = cfg.data.item_noun
+        # The model was trained on at most data.max_history items: prompt with the most recent ones.
+        self.prompt_history = cfg.data.max_history
+        self.adapter_dir = str(run.adapter) if run.adapter is not None else None
+        self.adapter_id = run.round + 1  # vLLM LoRA ids must be positive
+        self.tokenizer = AutoTokenizer.from_pretrained(str(run.base_model),
+                                                       trust_remote_code=cfg.model.trust_remote_code)
+        self.backend = make_backend(self.gen_cfg, run.base_model, _adapter_rank(run.adapter, cfg.lora.r), cfg.seed)
+        self.grounder = Grounder(self.catalogue.titles, make_embedder(cfg.eval.embedder))
+        # Fallback ranking for requests whose every generation is empty (nothing to ground).
+        self.by_popularity = [int(i) for i in np.argsort(-self.catalogue.popularity, kind="stable")]
+        log.info("serving %s round %d (%s backend, %d items)", run.run_dir, run.round, self.gen_cfg.backend,
+                 len(self.catalogue))
+
+    def prompt(self, req: RecommendRequest) -> str:
+        titles = [self.catalogue.titles[i] for i in req.history[-self.prompt_history:]]
+        return render_prompt(titles, self.item_noun)
+
+    def check_prompt(self, prompt: str) -> None:
+        """A prompt that cannot fit next to its completion is the client's history, not a server fault."""
+        n = len(self.tokenizer(prompt)["input_ids"])
+        limit = self.gen_cfg.max_model_len - self.gen_cfg.max_new_tokens
+        if n > limit:
+            raise RequestError(422, f"the history renders to a {n}-token prompt; this model accepts at most "
+                                    f"{limit} (shorten the history or use shorter titles)", "history")
+
+    def recommend(self, reqs: Sequence[RecommendRequest]) -> list[dict[str, Any]]:
+        """One response body per request, same order; one generate and one ground call per batch."""
+        prompts = [self.prompt(r) for r in reqs]
+        generations = self.backend.generate(prompts, self.adapter_dir, self.adapter_id)
+        parsed = [[parse_response(t) for t in outs] for outs in generations]
+        excluded = [sorted(set(r.history)) if r.exclude_history else [] for r in reqs]
+        wanted = [min(r.k, len(self.catalogue) - len(ex)) for r, ex in zip(reqs, excluded, strict=True)]
+        texts, rows_of, exclude_rows = [], [], []
+        for i, outs in enumerate(parsed):
+            if wanted[i] <= 0:
+                continue
+            for text in outs:
+                if not normalise_title(text):
+                    continue  # an empty title would be "grounded" to arbitrary items with score 0
+                texts.append(text)
+                rows_of.append(i)
+                exclude_rows.append(excluded[i])
+        merged: list[dict[int, float]] = [{} for _ in reqs]
+        if texts:
+            ids, scores = self.grounder.ground(texts, max(wanted), exclude=exclude_rows)
+            # n generations per request: each item keeps its best score; ties keep first-seen order
+            for row, req_i in enumerate(rows_of):
+                best = merged[req_i]
+                for item, score in zip(ids[row].tolist(), scores[row].tolist(), strict=True):
+                    if item >= 0 and score > best.get(item, float("-inf")):
+                        best[item] = score
+        out = []
+        for i in range(len(reqs)):
+            ranked = sorted(merged[i].items(), key=lambda kv: -kv[1])[: max(wanted[i], 0)]
+            source = "model"
+            if not ranked and wanted[i] > 0:
+                skip = set(excluded[i])
+                ranked = [(item, 0.0) for item in self.by_popularity if item not in skip][: wanted[i]]
+                source = "popularity"
+            out.append({
+                "items": [self._item(item, score) for item, score in ranked],
+                "generated": parsed[i],
+                "source": source,
+                "round": self.run.round,
+            })
+        return out
+
+    def _item(self, item: int, score: float) -> dict[str, Any]:
+        return {"id": item, "title": self.catalogue.titles[item], "genres": list(self.catalogue.genres[item]),
+                "score": round(float(score), 6)}
+
+    def close(self) -> None:
+        self.backend.close()

@@ -1,0 +1,53 @@
+from pathlib import Path
+
+import pytest
+
+from sprec_ray.config import ConfigError, RunConfig, load_config, save_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "default.yaml"])
+def test_shipped_configs_load(name):
+    cfg = load_config(CONFIGS / name)
+    assert isinstance(cfg, RunConfig) and len(cfg.digest()) == 16
+
+
+def test_overrides_apply_and_change_the_digest():
+    base = load_config(CONFIGS / "tiny.yaml")
+    cfg = load_config(CONFIGS / "tiny.yaml", ["selfplay.rounds=3", "dpo.loss=sdpo", "dpo.num_negatives=3", "eval.ks=[1,5]"])
+    assert cfg.selfplay.rounds == 3 and cfg.dpo.loss == "sdpo" and cfg.dpo.num_negatives == 3 and cfg.eval.ks == (1, 5)
+    assert cfg.digest() != base.digest()
+    with pytest.raises(AttributeError):
+        cfg.seed = 3  # frozen
+
+
+def test_save_then_load_round_trips(tmp_path):
+    cfg = load_config(CONFIGS / "tiny.yaml", ["sft.cft.enabled=true"])
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    (["dpo.bta=1"], r"unknown config key dpo.bta; allowed keys here: \['loss', 'beta'"),
+    (["dpo.loss=ipo"], r"dpo.loss = 'ipo' is not allowed; choose one of \['dpo', 'sdpo'\]"),
+    (["train.zero_stage=1"], r"train.zero_stage = 1 is not allowed; choose one of \[0, 2, 3\]"),
+    (["dpo.num_negatives=3"], r"dpo.num_negatives must be 1 when dpo.loss is 'dpo'"),
+    (["sft.lr=fast"], r"sft.lr must be a number, got 'fast'"),
+    (["train.use_gpu=1"], r"train.use_gpu must be true or false"),
+    (["generation.n=4"], r"generation.n must be 1 with generation.decoding 'greedy'"),
+    (["data=3"], r"data must be a mapping"),
+    (["eval.ks=[0, 5]"], r"eval.ks must all be >= 1"),
+    (["selfplay.rounds"], r"must look like section.key=value"),
+])
+def test_bad_config_names_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / "tiny.yaml", override)
+
+
+def test_missing_and_non_mapping_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config(tmp_path / "list.yaml")

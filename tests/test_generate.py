@@ -1,0 +1,307 @@
+"""Generation backends (transformers, vLLM) and the Ray actor pool, on the tiny model with real LoRA adapters.
+
+Module order matters for cost: the fast in-process tests and the hf-backend pool run first; the vLLM
+pool (two engines, ~40-60 s to start on 2 cores) is one module-scoped fixture shared by the last tests.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from sprec_ray.config import GenerationConfig
+from sprec_ray.data.prompts import render_prompt
+from sprec_ray.generate.adapter_check import (
+    AdapterMismatchError,
+    compare_probe,
+    reference_token_logprobs,
+    run_probe,
+)
+from sprec_ray.generate.backends import Decoding, cut_at_stop, make_backend, vllm_lora_rank
+from sprec_ray.generate.pool import GenerationError, GenerationPool, adapter_fingerprint, shard_seed
+
+NUM_PROMPTS = 24
+MAX_NEW = 12
+
+
+def make_adapter(base: Path, out: Path, seed: int) -> Path:
+    """A peft LoRA with random A *and* B (B != 0), so it really changes the model's outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    if (out / "adapter_config.json").exists():
+        return out
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base))
+    cfg = LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
+                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    get_peft_model(model, cfg).save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return make_adapter(tiny_model_dir, root / "a", 3), make_adapter(tiny_model_dir, root / "b", 4)
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_data) -> list[str]:
+    titles = tiny_data.catalogue.titles
+    return [render_prompt([titles[i] for i in e.history[:4]]) for e in tiny_data.train[:NUM_PROMPTS]]
+
+
+def gen_cfg(**kw) -> GenerationConfig:
+    base = dict(backend="hf", dtype="float32", max_new_tokens=MAX_NEW, max_model_len=512, shard_size=5,
+                num_actors=2, cpus_per_actor=1.0, request_timeout_s=120.0, startup_timeout_s=300.0)
+    base.update(kw)
+    return GenerationConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_model_dir):
+    backend = make_backend(gen_cfg(), tiny_model_dir, max_lora_rank=8, seed=0)
+    yield backend
+    backend.close()
+
+
+def hf_by_shards(hf, prompts, adapter, adapter_id, size=5):
+    """In-process reference with the pool's shard boundaries (same padded batches)."""
+    out = []
+    for s in range(0, len(prompts), size):
+        out += hf.generate(prompts[s:s + size], adapter, adapter_id)
+    return out
+
+
+# ---- pure helpers ------------------------------------------------------------------------------
+def test_stop_cut_lora_ranks_and_seeds(tmp_path, adapters):
+    assert cut_at_stop('"Dune"\n"Emma"') == '"Dune"'
+    assert cut_at_stop('"Dune') == '"Dune'
+    assert [vllm_lora_rank(r) for r in (1, 2, 8, 9, 16, 33)] == [1, 8, 8, 16, 16, 64]
+    with pytest.raises(ValueError, match="exceeds vLLM's maximum"):
+        vllm_lora_rank(1024)
+    assert shard_seed(0, 1, 2) == shard_seed(0, 1, 2)
+    assert len({shard_seed(0, r, s) for r in range(3) for s in range(5)}) == 15
+    # an adapter rewritten in place gets a new fingerprint (hence a new LoRA id in the pool)
+    x = tmp_path / "x"
+    shutil.copytree(adapters[0], x)
+    before = adapter_fingerprint(x)
+    shutil.copy(adapters[1] / "adapter_model.safetensors", x / "adapter_model.safetensors")
+    assert adapter_fingerprint(x) != before and adapter_fingerprint(None) == "base"
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        adapter_fingerprint(tmp_path)
+
+
+def test_bad_decoding_and_pool_config_fail_with_the_key(tiny_model_dir):
+    with pytest.raises(ValueError, match="must be 1 for greedy"):
+        Decoding("greedy", 2).check()
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        Decoding("sample", 2, 0.0).check()
+    with pytest.raises(ValueError, match="generation.shard_size must be >= 1"):
+        GenerationPool(gen_cfg(shard_size=0), tiny_model_dir, 8, 0)
+    with pytest.raises(ValueError, match="tensor_parallel=2 needs gpus_per_actor"):
+        GenerationPool(gen_cfg(tensor_parallel=2), tiny_model_dir, 8, 0)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        GenerationPool(gen_cfg(), tiny_model_dir / "missing", 8, 0)
+
+
+# ---- the transformers backend, in process ---------------------------------------------------------
+def test_hf_adapter_switches_never_serve_stale_weights(hf, prompts, adapters):
+    a, b = adapters
+    base = hf.generate(prompts[:6], None, 0)
+    out_a = hf.generate(prompts[:6], a, 1)
+    out_b = hf.generate(prompts[:6], b, 2)
+    assert len(out_a) == 6 and all(len(r) == 1 for r in out_a)
+    assert out_a != base and out_b != out_a  # the random LoRAs change the greedy outputs
+    assert hf.generate(prompts[:6], a, 3) == out_a  # back to A: A's outputs again
+    assert hf.generate(prompts[:6], None, 0) == base  # base = adapters bypassed
+    assert len({r[0] for r in out_a}) > 1  # outputs depend on the prompt
+
+
+def test_hf_sampling_is_seeded_and_beam_returns_n(hf, prompts, adapters):
+    sample = Decoding("sample", 3, 1.0, MAX_NEW)
+    s1 = hf.generate(prompts[:4], adapters[0], 1, seed=7, decoding=sample)
+    assert hf.generate(prompts[:4], adapters[0], 1, seed=7, decoding=sample) == s1
+    assert hf.generate(prompts[:4], adapters[0], 1, seed=8, decoding=sample) != s1
+    assert all(len(r) == 3 for r in s1) and any(len(set(r)) > 1 for r in s1)
+    beams = hf.generate(prompts[:4], adapters[0], 1, decoding=Decoding("beam", 2, 1.0, MAX_NEW))
+    assert all(len(r) == 2 for r in beams)
+
+
+def test_prompt_too_long_names_the_prompt(tiny_model_dir, prompts):
+    backend = make_backend(gen_cfg(max_model_len=64), tiny_model_dir, 8, 0)
+    with pytest.raises(ValueError, match=r"prompt 0 has \d+ tokens.*generation.max_model_len=64"):
+        backend.generate(prompts[:2], None, 0)
+
+
+def test_logprobs_and_probe_check_catch_the_wrong_adapter(hf, prompts, adapters, tiny_model_dir):
+    a, b = adapters
+    toks = hf.token_logprobs(prompts[:3], ['"Dune"', '"Emma"', ""], a, 1)
+    assert [len(t) for t in toks][2] == 0 and all(x < 0 for x in toks[0])
+    assert hf.logprobs(prompts[:3], ['"Dune"', '"Emma"', ""], a, 1) == pytest.approx([sum(t) for t in toks])
+    probe = run_probe(hf, prompts[:4], a, 1)
+    ref_a = reference_token_logprobs(tiny_model_dir, a, probe.prompts, probe.completions, 512)
+    assert compare_probe(probe, ref_a, 0.05) < 1e-4  # same weights, both fp32
+    ref_b = reference_token_logprobs(tiny_model_dir, b, probe.prompts, probe.completions, 512)
+    with pytest.raises(AdapterMismatchError, match="not serving the expected adapter"):
+        compare_probe(probe, ref_b, 0.05)
+
+
+# ---- the pool, hf backend (fast engines, real Ray actors) ------------------------------------------
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_hf_pool_keeps_order_and_survives_a_killed_actor(ray_session, tiny_model_dir, prompts, adapters, hf):
+    import ray
+
+    a = adapters[0]
+    expected = hf_by_shards(hf, prompts, a, 1)
+    with GenerationPool(gen_cfg(max_actor_restarts=1), tiny_model_dir, 8, seed=0) as pool:
+        out = pool.generate(prompts, a, round_id=1)
+        stats = pool.last_stats
+        assert out == expected
+        assert (stats.round_id, stats.prompts, stats.shards, stats.completions) == (1, NUM_PROMPTS, 5, NUM_PROMPTS)
+        assert sorted(stats.shards_per_actor) == [0, 1] and stats.probe_diff < 1e-4
+        assert stats.gen_tokens > 0 and stats.requeued == stats.replaced == 0
+
+        killed = []
+
+        def kill_first_actor(done: int, total: int) -> None:
+            if not killed:
+                killed.append(pool.actors[0])
+                ray.kill(pool.actors[0], no_restart=True)
+
+        again = pool.generate(prompts, a, round_id=1, progress=kill_first_actor)
+        stats = pool.last_stats
+        assert again == expected  # exactly one result per prompt, same order, despite the death
+        assert stats.replaced == 1 and stats.requeued >= 1 and stats.dropped == 0
+        # the replacement is a fresh engine: it passed the adapter probe before getting shards
+        assert len(pool.actors) == 2 and killed[0] not in pool.actors
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_pool_fails_instead_of_hanging(ray_session, tiny_model_dir, prompts, adapters):
+    pool = GenerationPool(gen_cfg(num_actors=1, request_timeout_s=0.01, max_actor_restarts=1), tiny_model_dir, 8, 0)
+    try:
+        start = time.monotonic()
+        with pytest.raises(GenerationError, match="no generation actor left"):
+            pool.generate(prompts, adapters[0], round_id=1)  # every switch/shard misses its 10 ms deadline
+        assert time.monotonic() - start < 200
+        assert pool.last_stats is None
+        with pytest.raises(GenerationError, match="failed earlier"):
+            pool.generate(prompts, adapters[0], round_id=1)
+    finally:
+        pool.shutdown()
+
+
+# ---- the pool, vLLM backend (one pair of engines for the rest of the module) ------------------------
+@pytest.fixture(scope="module")
+def vllm_pool(ray_session, tiny_model_dir):
+    pytest.importorskip("vllm")
+    cfg = gen_cfg(backend="vllm", shard_size=6, max_actor_restarts=0, kv_cache_gib=1)
+    pool = GenerationPool(cfg, tiny_model_dir, max_lora_rank=8, seed=0)
+    yield pool
+    pool.shutdown()
+
+
+@pytest.fixture(scope="module")
+def vllm_greedy_a(vllm_pool, prompts, adapters):
+    return vllm_pool.generate(prompts, adapters[0], round_id=1)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_vllm_pool_matches_transformers_greedy(vllm_pool, vllm_greedy_a, prompts, adapters, hf):
+    # both engines in float32 with the same token ids: greedy decoding agrees token for token
+    stats = vllm_pool.last_stats
+    assert vllm_greedy_a == hf_by_shards(hf, prompts, adapters[0], 1, size=6)
+    assert (stats.round_id, stats.shards, stats.completions) == (1, 4, NUM_PROMPTS)
+    assert sorted(stats.shards_per_actor) == [0, 1]
+    assert stats.probe_diff < 1e-3  # fp32 engine vs fp32 transformers+peft
+    base = vllm_pool.generate(prompts, None, round_id=0)
+    assert base == hf_by_shards(hf, prompts, None, 0, size=6)
+    assert base != vllm_greedy_a
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_vllm_pool_next_round_serves_the_new_adapter(vllm_pool, vllm_greedy_a, prompts, adapters, hf, tmp_path):
+    a, b = adapters
+    out_b = vllm_pool.generate(prompts, b, round_id=2)
+    assert out_b == hf_by_shards(hf, prompts, b, 2, size=6) and out_b != vllm_greedy_a
+    # the same directory rewritten with other weights: new fingerprint -> new LoRA id -> new outputs
+    moving = tmp_path / "latest"
+    shutil.copytree(a, moving)
+    assert vllm_pool.generate(prompts, moving, round_id=3) == vllm_greedy_a
+    first_id = vllm_pool.last_stats.adapter_id
+    shutil.copy(b / "adapter_model.safetensors", moving / "adapter_model.safetensors")
+    assert vllm_pool.generate(prompts, moving, round_id=3) == out_b
+    assert vllm_pool.last_stats.adapter_id != first_id
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_vllm_sampling_and_beam(vllm_pool, prompts, adapters):
+    sample = Decoding("sample", 3, 1.0, MAX_NEW)
+    s1 = vllm_pool.generate(prompts, adapters[0], round_id=1, decoding=sample)
+    assert all(len(r) == 3 for r in s1) and any(len(set(r)) > 1 for r in s1)
+    # seeds come from (run seed, round, shard): the same round gives the same samples on any actor
+    assert vllm_pool.generate(prompts, adapters[0], round_id=1, decoding=sample) == s1
+    beams = vllm_pool.generate(prompts[:6], adapters[0], round_id=1, decoding=Decoding("beam", 2, 1.0, 6))
+    assert all(len(r) == 2 for r in beams)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_vllm_stale_adapter_is_caught_by_the_probe(vllm_pool, prompts, adapters, tiny_model_dir, tmp_path):
+    """Force the classic stale case on one engine: weights rewritten under a reused LoRA id."""
+    import ray
+
+    actor = vllm_pool.actors[0]
+    moving = tmp_path / "reused-id"
+    shutil.copytree(adapters[0], moving)
+    probe = ray.get(actor.switch.remote(str(moving), 99, prompts[:4]), timeout=300)
+    ref = reference_token_logprobs(tiny_model_dir, moving, probe.prompts, probe.completions, 512)
+    assert compare_probe(probe, ref, 0.05) < 1e-3
+    shutil.copy(adapters[1] / "adapter_model.safetensors", moving / "adapter_model.safetensors")
+    stale = ray.get(actor.switch.remote(str(moving), 99, prompts[:4]), timeout=300)  # vLLM reuses cached id 99
+    ref = reference_token_logprobs(tiny_model_dir, moving, stale.prompts, stale.completions, 512)
+    with pytest.raises(AdapterMismatchError, match="not serving the expected adapter"):
+        compare_probe(stale, ref, 0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_vllm_pool_survives_a_killed_actor(vllm_pool, vllm_greedy_a, prompts, adapters):
+    import ray
+
+    def kill_second_actor(done: int, total: int) -> None:
+        if done == 1:
+            ray.kill(vllm_pool.actors[1], no_restart=True)
+
+    out = vllm_pool.generate(prompts, adapters[0], round_id=1, progress=kill_second_actor)
+    stats = vllm_pool.last_stats
+    assert out == vllm_greedy_a
+    assert stats.dropped == 1 and stats.replaced == 0 and stats.requeued >= 1 and len(vllm_pool.actors) == 1
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(not _has_cuda(), reason="needs a CUDA GPU (and the CUDA vllm build)")
+def test_vllm_pool_on_gpu_bf16_passes_the_default_probe_tolerance(ray_session, tiny_model_dir, prompts, adapters):
+    # bf16 engine vs the fp32 transformers reference: documents that the default tolerance holds on GPU
+    cfg = gen_cfg(backend="vllm", dtype="auto", num_actors=1, gpus_per_actor=1.0, shard_size=8)
+    with GenerationPool(cfg, tiny_model_dir, max_lora_rank=8, seed=0) as pool:
+        out = pool.generate(prompts, adapters[0], round_id=1)
+        assert len(out) == NUM_PROMPTS and pool.last_stats.probe_diff <= cfg.probe_tolerance

