@@ -89,13 +89,22 @@ class SelfPlayDriver:
             self._grounder = Grounder(self.data.catalogue.titles, make_embedder(self.cfg.eval.embedder))
         return self._grounder
 
-    def generate(self, prompts: Sequence[str], adapter: str | None, adapter_id: int) -> list[list[str]]:
+    def generate(self, prompts: Sequence[str], adapter: str | None, adapter_id: int) -> tuple[list[list[str]], dict[str, float]]:
+        """Completions in prompt order, plus timing: actor start-up (when this call started the
+        pool), adapter hand-off (switch + probe check) and generation throughput."""
         from .generate.pool import GenerationPool
 
+        timing = {"actor_startup_s": 0.0}
         if self._pool is None:
             self._pool = GenerationPool(self.cfg.generation, self.base_model, self.cfg.lora.r, self.cfg.seed)
+            timing["actor_startup_s"] = self._pool.startup_s
         try:
-            return self._pool.generate(list(prompts), adapter, adapter_id)
+            completions = self._pool.generate(list(prompts), adapter, adapter_id)
+            stats = self._pool.last_stats
+            timing.update(generate_s=stats.wall_s, adapter_switch_s=stats.switch_s, probe_logprob_diff=stats.probe_diff,
+                          prompts_per_s=stats.prompts_per_s, gen_tokens_per_s=stats.tokens_per_s,
+                          requeued_shards=float(stats.requeued))
+            return completions, timing
         finally:
             if not self.cfg.generation.keep_alive:
                 self.shutdown_pool()
@@ -178,9 +187,9 @@ class SelfPlayDriver:
             from .generate.negatives import build_negatives
 
             prompts = self._prompts(rows)
-            completions = self.generate(prompts, adapter, adapter_id=r)
+            completions, timing = self.generate(prompts, adapter, adapter_id=r)
             negatives, neg_stats = build_negatives(rows, completions, self.data.catalogue, self.grounder, k, self.cfg.seed + r)
-            stats = {k_: float(v) for k_, v in dataclasses.asdict(neg_stats).items()}
+            stats = {**{k_: float(v) for k_, v in dataclasses.asdict(neg_stats).items()}, **timing}
         path = self.run_dir / f"r{r}" / "negatives.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.table({"row_id": [e.row_id for e in rows], "negatives": [list(n) for n in negatives]}), path)
@@ -204,8 +213,9 @@ class SelfPlayDriver:
         from .eval.evaluate import evaluate_completions
 
         rows = self.data.valid
-        completions = self.generate(self._prompts(rows), adapter, adapter_id=r + 1)
+        completions, timing = self.generate(self._prompts(rows), adapter, adapter_id=r + 1)
         metrics, predictions = evaluate_completions(completions, rows, self.data.catalogue, self.grounder, self.cfg.eval.ks)
+        metrics.update(timing)
         path = self.run_dir / f"r{r}" / "eval_predictions.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(p) + "\n" for p in predictions))

@@ -21,7 +21,13 @@ from sprec_ray.generate.adapter_check import (
     run_probe,
 )
 from sprec_ray.generate.backends import Decoding, cut_at_stop, make_backend, vllm_lora_rank
-from sprec_ray.generate.pool import GenerationError, GenerationPool, adapter_fingerprint, shard_seed
+from sprec_ray.generate.pool import (
+    GenerationError,
+    GenerationPool,
+    GenerationTimeoutError,
+    adapter_fingerprint,
+    shard_seed,
+)
 
 NUM_PROMPTS = 24
 MAX_NEW = 12
@@ -185,6 +191,8 @@ def test_hf_pool_keeps_order_and_survives_a_killed_actor(ray_session, tiny_model
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_pool_fails_instead_of_hanging(ray_session, tiny_model_dir, prompts, adapters):
+    with pytest.raises(GenerationTimeoutError, match="not up within generation.startup_timeout_s=0.01"):
+        GenerationPool(gen_cfg(num_actors=1, startup_timeout_s=0.01), tiny_model_dir, 8, 0)
     pool = GenerationPool(gen_cfg(num_actors=1, request_timeout_s=0.01, max_actor_restarts=1), tiny_model_dir, 8, 0)
     try:
         start = time.monotonic()

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from sprec_ray.config import load_config
 from sprec_ray.selfplay import run_selfplay
@@ -88,6 +90,16 @@ def test_killed_driver_resumes_to_the_same_metrics(finished_run, tiny_data_dir, 
     done = subprocess.run([*cmd, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "already done (resume), skipping" in done.stderr
-    got = json.loads((out / "metrics.json").read_text())
-    want = json.loads((reference / "metrics.json").read_text())
-    assert got == want
+    assert json.dumps(_quality(out), sort_keys=True) == json.dumps(_quality(reference), sort_keys=True)  # NaN-safe
+    # stronger than the metrics (a tiny random model recommends little): the final weights match
+    got, want = (load_file(Path(json.loads((r / "final.json").read_text())["adapter"]) / "adapter_model.safetensors")
+                 for r in (out, reference))
+    assert got.keys() == want.keys()
+    for name, tensor in want.items():
+        assert torch.allclose(got[name], tensor, atol=1e-6), name
+
+
+def _quality(run: Path) -> list[dict]:
+    """Per-round ranking metrics and counts; timings legitimately differ between runs."""
+    rounds = json.loads((run / "metrics.json").read_text())["rounds"]
+    return [{k: v for k, v in r.items() if "@" in k or k.startswith("n_") or k == "label"} for r in rounds]

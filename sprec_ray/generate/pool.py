@@ -66,7 +66,7 @@ class RoundStats:
     completions: int = 0
     gen_tokens: int = 0
     wall_s: float = 0.0
-    switch_s: float = 0.0  # adapter switch + probe check, all actors (they switch in parallel)
+    switch_s: float = 0.0  # round start -> first shard sent: adapter switch + probe check (actors in parallel)
     probe_diff: float = float("nan")  # worst actor's mean |delta log p| per token
     requeued: int = 0  # shards sent again after their actor died or hung
     replaced: int = 0  # actors started to replace dead ones
@@ -183,6 +183,10 @@ class GenerationPool:
             self._start(slot)
         try:  # all engines start in parallel; the pool is usable once every one answered
             ray.get(list(self._pending), timeout=cfg.startup_timeout_s)
+        except ray.exceptions.GetTimeoutError as err:
+            self.shutdown()
+            raise GenerationTimeoutError(f"generation pool: {cfg.num_actors} {cfg.backend} actors not up within "
+                                         f"generation.startup_timeout_s={cfg.startup_timeout_s}") from err
         except Exception:
             self.shutdown()
             raise
@@ -317,7 +321,9 @@ class GenerationPool:
                     ref = slot.actor.switch.remote(adapter_dir, adapter_id, probe_prompts)
                     self._pending[ref] = _Task("switch", slot.index, time.monotonic() + cfg.request_timeout_s,
                                                key=key)
-            warming = warming and any(s.state == "switching" for s in self._slots)
+            if warming and not any(s.state == "switching" for s in self._slots):
+                warming = False
+                stats.switch_s = time.perf_counter() - start
             if not warming:
                 self._dispatch(queue, bounds, prompts, key, adapter_id, dec)
             if not self._pending:
@@ -346,9 +352,7 @@ class GenerationPool:
             if task.kind == "start":
                 slot.pid, slot.state = value, "idle"
             elif task.kind == "switch":
-                switch_start = time.perf_counter()
                 diff = self._verify(task.key, value, slot)
-                stats.switch_s += time.perf_counter() - switch_start
                 if not math.isnan(diff):
                     stats.probe_diff = diff if math.isnan(stats.probe_diff) else max(stats.probe_diff, diff)
                 slot.state, slot.key = "ready", task.key

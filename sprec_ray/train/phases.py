@@ -58,6 +58,7 @@ def summarize(history: list[dict[str, float]], restored_from: int = 0) -> dict[s
         out["final_accuracy"] = history[-1]["accuracy"]
         out["final_reward_margin"] = history[-1]["reward_margin"]
     out["steps"] = float(len(history))
+    out["compute_s"] = sum(h["step_time_s"] for h in history)  # phase wall time minus this = orchestration
     out["restored_from_step"] = float(restored_from)
     return out
 
