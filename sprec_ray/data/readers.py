@@ -68,14 +68,14 @@ def parse_history_titles(text: str, catalogue: Catalogue) -> list[str]:
         return []
     pieces = text[first + 1 : last].split('", "')
     titles: list[str] = []
-    pending = ""
+    pending: list[str] = []
     for piece in pieces:
-        pending = f'{pending}", "{piece}' if pending else piece
-        if catalogue.id_of(pending) is not None:
-            titles.append(pending)
-            pending = ""
+        pending.append(piece)
+        if catalogue.id_of('", "'.join(pending)) is not None:
+            titles.append('", "'.join(pending))
+            pending = []
     if pending:
-        raise _RowError(f"unknown title in history: {pending!r}")
+        raise _RowError(f"unknown title in history: {pending[0]!r}")
     return titles
 
 
