@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import ray
+
+# Set by Ray's job supervisor on a submitted job's driver: the job config as JSON.
+RAY_JOB_CONFIG_JSON_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 # Quiet, CPU-safe defaults; a value the user already set always wins.
 _DEFAULT_ENV = {
@@ -39,13 +43,21 @@ def apply_default_env() -> None:
         os.environ.setdefault(key, value)
 
 
+def _not_set_by_job(env: dict[str, str]) -> dict[str, str]:
+    """Drop the vars a `ray job submit` runtime env already sets: Ray refuses to merge a driver's
+    runtime env that repeats a job's env var key (the job's values are in os.environ anyway)."""
+    job_config = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR, "{}"))
+    job_vars = (job_config.get("runtime_env") or {}).get("env_vars") or {}
+    return {k: v for k, v in env.items() if k not in job_vars}
+
+
 def init_ray(address: str = "", num_cpus: int = 0) -> None:
     """Attach to `address` / RAY_ADDRESS (a `ray job submit` run) or start a local instance."""
     apply_default_env()
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS", "")
-    runtime_env = {"env_vars": worker_env()}
+    runtime_env = {"env_vars": _not_set_by_job(worker_env())}
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:

@@ -2,10 +2,12 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,23 +22,49 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_for_dashboard(address: str, head: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        assert head.poll() is None, f"`ray start --head` exited with {head.returncode}"
+        try:
+            with urllib.request.urlopen(f"{address}/api/version", timeout=5):
+                return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"Ray dashboard at {address} not up after {timeout_s} s")
+
+
 @pytest.fixture()
 def local_cluster(tmp_path):
     port, dash = _free_port(), _free_port()
+    # Every fixed default port gets a free one: another Ray instance on the machine (the test
+    # session's own, or a user's) already holds 52365 etc., and the job agent then never serves.
+    agent_ports = [f"--{flag}={_free_port()}" for flag in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "ray-client-server-port")]
     # The job driver runs `python` from PATH: make it this venv's.
     env = {**os.environ, "RAY_ADDRESS": "", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     temp_dir = Path("/tmp") / f"ray_job_{os.getpid()}"  # short: unix socket paths have a length limit
     start = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=4",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
-    subprocess.run(start, check=True, env=env, capture_output=True, timeout=120)
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+             *agent_ports]
+    # --block keeps `ray start` in the foreground of its own process group, so the teardown stops
+    # exactly this cluster; `ray stop` would kill every Ray process on the machine.
+    head = subprocess.Popen([*start, "--block"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     try:
+        _wait_for_dashboard(f"http://127.0.0.1:{dash}", head)
         yield f"http://127.0.0.1:{dash}", env
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        subprocess.run(["pkill", "-9", "-f", str(temp_dir)], capture_output=True)
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="fails on a fresh `ray start` cluster (job does not succeed); not debugged yet, see issue 5")
 @pytest.mark.timeout(900)
 def test_job_submit_runs_a_selfplay_job(local_cluster, tiny_data_dir, tmp_path):
     address, env = local_cluster
