@@ -61,4 +61,7 @@ def init_ray(address: str = "", num_cpus: int = 0) -> None:
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus or None, include_dashboard=False, runtime_env=runtime_env)
+        # The dashboard serves the State API; without it Ray Train's placement-group cleaner logs a
+        # warning every few seconds for the whole run.
+        ray.init(num_cpus=num_cpus or None, include_dashboard=True, dashboard_host="127.0.0.1",
+                 runtime_env=runtime_env)

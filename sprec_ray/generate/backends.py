@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal
 
 from ..config import GenerationConfig
 
@@ -55,28 +55,35 @@ class Generated:
     num_tokens: int
 
 
-@runtime_checkable
-class GenerationBackend(Protocol):
+class GenerationBackend:
+    """What both engines share; a backend implements `_generate`, `token_logprobs` and `close`."""
+
+    cfg: GenerationConfig
+
     def generate(self, prompts: Sequence[str], adapter_dir: str | Path | None, adapter_id: int,
                  seed: int | None = None, decoding: Decoding | None = None) -> list[list[str]]:
         """n completions per prompt (cfg.n unless `decoding` overrides), in input order.
         adapter_dir None = the base model."""
-        ...
+        return self.generate_counted(prompts, adapter_dir, adapter_id, seed, decoding).texts
 
     def generate_counted(self, prompts: Sequence[str], adapter_dir: str | Path | None, adapter_id: int,
-                         seed: int | None = None, decoding: Decoding | None = None) -> Generated: ...
+                         seed: int | None = None, decoding: Decoding | None = None) -> Generated:
+        dec = (decoding or Decoding.from_config(self.cfg)).check()
+        if not prompts:
+            return Generated([], 0)
+        return self._generate(list(prompts), adapter_dir, adapter_id, seed, dec)
+
+    def _generate(self, prompts: list[str], adapter_dir: str | Path | None, adapter_id: int,
+                  seed: int | None, dec: Decoding) -> Generated:
+        raise NotImplementedError
 
     def token_logprobs(self, prompts: Sequence[str], completions: Sequence[str],
                        adapter_dir: str | Path | None, adapter_id: int) -> list[list[float]]:
         """log p(token | prefix) of every completion token, completion tokenized on its own."""
-        ...
+        raise NotImplementedError
 
-    def logprobs(self, prompts: Sequence[str], completions: Sequence[str],
-                 adapter_dir: str | Path | None, adapter_id: int) -> list[float]:
-        """Summed completion log-prob per (prompt, completion) pair."""
-        ...
-
-    def close(self) -> None: ...
+    def close(self) -> None:
+        raise NotImplementedError
 
 
 def cut_at_stop(text: str) -> str:

@@ -16,6 +16,7 @@ from .backends import (
     STOP_STRING,
     Decoding,
     Generated,
+    GenerationBackend,
     adapter_path,
     check_prompt_lengths,
     cut_at_stop,
@@ -23,7 +24,7 @@ from .backends import (
 )
 
 
-class HFBackend:
+class HFBackend(GenerationBackend):
     def __init__(self, cfg: GenerationConfig, base_model: str | Path, seed: int, device: str | None = None,
                  dtype: str | None = None) -> None:
         import torch
@@ -79,19 +80,12 @@ class HFBackend:
             yield self._peft if self._peft is not None else self.model
 
     # ---- generation ------------------------------------------------------------------------
-    def generate(self, prompts: Sequence[str], adapter_dir: str | Path | None, adapter_id: int,
-                 seed: int | None = None, decoding: Decoding | None = None) -> list[list[str]]:
-        return self.generate_counted(prompts, adapter_dir, adapter_id, seed, decoding).texts
-
-    def generate_counted(self, prompts: Sequence[str], adapter_dir: str | Path | None, adapter_id: int,
-                         seed: int | None = None, decoding: Decoding | None = None) -> Generated:
+    def _generate(self, prompts: list[str], adapter_dir: str | Path | None, adapter_id: int,
+                  seed: int | None, dec: Decoding) -> Generated:
         import torch
         from transformers import GenerationConfig as HFGenerationConfig
 
-        dec = (decoding or Decoding.from_config(self.cfg)).check()
-        if not prompts:
-            return Generated([], 0)
-        enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True)
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True)
         check_prompt_lengths(enc["attention_mask"].sum(1).tolist(), dec.max_new_tokens, self.cfg.max_model_len)
         n = dec.n
         gen = HFGenerationConfig(
@@ -150,10 +144,6 @@ class HFBackend:
             pos = torch.arange(len(p) - 1, len(p) + len(c) - 1)
             result.append(logp[i, pos, torch.tensor(c, dtype=torch.long)].tolist() if c else [])
         return result
-
-    def logprobs(self, prompts: Sequence[str], completions: Sequence[str],
-                 adapter_dir: str | Path | None, adapter_id: int) -> list[float]:
-        return [sum(t) for t in self.token_logprobs(prompts, completions, adapter_dir, adapter_id)]
 
     def _ids(self, text: str, special: bool) -> list[int]:
         return self.tokenizer(text, add_special_tokens=special)["input_ids"]

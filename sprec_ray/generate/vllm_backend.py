@@ -18,6 +18,7 @@ from .backends import (
     STOP_STRING,
     Decoding,
     Generated,
+    GenerationBackend,
     adapter_path,
     check_prompt_lengths,
     cut_at_stop,
@@ -28,7 +29,7 @@ from .backends import (
 log = logging.getLogger(__name__)
 
 
-class VLLMBackend:
+class VLLMBackend(GenerationBackend):
     def __init__(self, cfg: GenerationConfig, base_model: str | Path, max_lora_rank: int, seed: int) -> None:
         import torch
 
@@ -75,18 +76,11 @@ class VLLMBackend:
         return LoRARequest(f"adapter-{adapter_id}", adapter_id, str(path))
 
     # ---- generation ------------------------------------------------------------------------
-    def generate(self, prompts: Sequence[str], adapter_dir: str | Path | None, adapter_id: int,
-                 seed: int | None = None, decoding: Decoding | None = None) -> list[list[str]]:
-        return self.generate_counted(prompts, adapter_dir, adapter_id, seed, decoding).texts
-
-    def generate_counted(self, prompts: Sequence[str], adapter_dir: str | Path | None, adapter_id: int,
-                         seed: int | None = None, decoding: Decoding | None = None) -> Generated:
+    def _generate(self, prompts: list[str], adapter_dir: str | Path | None, adapter_id: int,
+                  seed: int | None, dec: Decoding) -> Generated:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        dec = (decoding or Decoding.from_config(self.cfg)).check()
-        if not prompts:
-            return Generated([], 0)
         lora = self._lora(adapter_dir, adapter_id)
         ids = [self.tokenizer(p)["input_ids"] for p in prompts]
         check_prompt_lengths([len(x) for x in ids], dec.max_new_tokens, self.cfg.max_model_len)
@@ -142,10 +136,6 @@ class VLLMBackend:
             entries = out.prompt_logprobs[len(p): len(p) + len(c)]
             result.append([float(e[t].logprob) for e, t in zip(entries, c, strict=True)])
         return result
-
-    def logprobs(self, prompts: Sequence[str], completions: Sequence[str],
-                 adapter_dir: str | Path | None, adapter_id: int) -> list[float]:
-        return [sum(t) for t in self.token_logprobs(prompts, completions, adapter_dir, adapter_id)]
 
     def close(self) -> None:
         engine = getattr(getattr(self, "llm", None), "llm_engine", None)
