@@ -8,6 +8,7 @@ Runs the real driver (warm-start SFT + 1 round) and reads the per-phase manifest
     python benchmarks/round_time.py                      # tiny model, CPU
     python benchmarks/round_time.py --model smollm2      # SmolLM2-135M on CPU
     python benchmarks/round_time.py --gpu                # on a GPU node (Ray Train + vLLM on GPU)
+    python benchmarks/round_time.py --run-dir bench_out/quality/sprec --round 2   # an existing run
 """
 
 from __future__ import annotations
@@ -29,27 +30,35 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=64, help="train rows in the round")
     parser.add_argument("--valid", type=int, default=32)
     parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--run-dir", help="read the manifests of this finished run instead of running one")
+    parser.add_argument("--round", type=int, default=1, help="which round of --run-dir to split")
     parser.add_argument("--out", default=str(REPO / "bench_out" / "round_time.json"))
     args = parser.parse_args()
 
-    from sprec_ray.config import load_config
-    from sprec_ray.selfplay import run_selfplay
+    if args.run_dir:
+        run_dir, total, r = Path(args.run_dir), float("nan"), args.round
+        from sprec_ray.config import load_config
 
-    run_dir = REPO / "bench_out" / f"round_time_{Path(args.model).name}"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    overrides = [f"output_dir={run_dir}", f"model.name={args.model}", f"generation.backend={args.backend}",
-                 f"data.train_samples={args.rows}", f"data.valid_samples={args.valid}", "selfplay.rounds=1",
-                 f"selfplay.round_samples={args.rows}", "eval.embedder=hash"]
-    if args.gpu:
-        overrides += ["train.use_gpu=true", "generation.gpus_per_actor=1", "model.dtype=bfloat16"]
-    started = time.perf_counter()
-    run_selfplay(load_config(REPO / "configs" / "tiny.yaml", overrides))
-    total = time.perf_counter() - started
+        args.model = load_config(run_dir / "config.yaml").model.name
+    else:
+        from sprec_ray.config import load_config
+        from sprec_ray.selfplay import run_selfplay
+
+        run_dir, r = REPO / "bench_out" / f"round_time_{Path(args.model).name}", 1
+        shutil.rmtree(run_dir, ignore_errors=True)
+        overrides = [f"output_dir={run_dir}", f"model.name={args.model}", f"generation.backend={args.backend}",
+                     f"data.train_samples={args.rows}", f"data.valid_samples={args.valid}", "selfplay.rounds=1",
+                     f"selfplay.round_samples={args.rows}", "eval.embedder=hash"]
+        if args.gpu:
+            overrides += ["train.use_gpu=true", "generation.gpus_per_actor=1", "model.dtype=bfloat16"]
+        started = time.perf_counter()
+        run_selfplay(load_config(REPO / "configs" / "tiny.yaml", overrides))
+        total = time.perf_counter() - started
 
     def manifest(phase: str) -> dict:
         return json.loads((run_dir / "manifests" / f"{phase}.json").read_text())
 
-    gen, sft, dpo, ev = (manifest(p) for p in ("r1_negatives", "r1_sft", "r1_dpo", "r1_eval"))
+    gen, sft, dpo, ev = (manifest(f"r{r}_{p}") for p in ("negatives", "sft", "dpo", "eval"))
     startup = manifest("r0_eval")["metrics"]["actor_startup_s"]  # the pool starts once per run (keep_alive)
     rows = {
         "generation (vLLM pool, train prompts)": gen["metrics"]["generate_s"],
@@ -63,14 +72,15 @@ def main() -> None:
     }
     round_s = sum(m["seconds"] for m in (gen, sft, dpo, ev))
     overhead = sum(v for k, v in rows.items() if k.startswith("overhead"))
-    print(f"\nOne self-play round, model={args.model}, backend={args.backend}, {args.rows} train rows, "
+    print(f"\nSelf-play round {r} of {run_dir.name}, model={args.model}, backend={args.backend}, {args.rows} train rows, "
           f"{args.valid} valid rows ({platform.machine()}, {'GPU' if args.gpu else 'CPU'})\n")
     print("| part | seconds | share of round |\n|---|---:|---:|")
     for name, seconds in rows.items():
         print(f"| {name} | {seconds:.1f} | {seconds / round_s:.0%} |")
     print(f"| **round total** | {round_s:.1f} | 100% |")
     print(f"\norchestration overhead: {overhead:.1f}s = {overhead / round_s:.0%} of the round; "
-          f"vLLM actor start-up (once per run): {startup:.1f}s; whole run incl. warm start: {total:.1f}s")
+          f"vLLM actor start-up (once per run): {startup:.1f}s"
+          + (f"; whole run incl. warm start: {total:.1f}s" if total == total else ""))  # nan for --run-dir
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": args.model, "backend": args.backend, "rows": args.rows, "gpu": args.gpu,
