@@ -2,8 +2,8 @@
 
 Runs the real driver (warm-start SFT + 1 round) and reads the per-phase manifests:
   generation (vLLM pool), SFT compute, DPO compute, evaluation, and orchestration overhead =
-  actor start-up + adapter hand-off + (training phase wall - step compute: Ray Train worker
-  start-up, DeepSpeed init, reference pass, checkpoint I/O) + Ray Data prompt building.
+  actor start-up + adapter hand-off + (training phase wall - step compute - DPO reference pass:
+  Ray Train worker start-up, DeepSpeed init, checkpoint I/O) + Ray Data prompt building.
 
     python benchmarks/round_time.py                      # tiny model, CPU
     python benchmarks/round_time.py --model smollm2      # SmolLM2-135M on CPU
@@ -65,10 +65,12 @@ def main() -> None:
         "negatives: grounding + building": gen["seconds"] - gen["metrics"]["generate_s"] - gen["metrics"]["adapter_switch_s"],
         "SFT compute (optimizer steps)": sft["metrics"]["compute_s"],
         "DPO compute (optimizer steps)": dpo["metrics"]["compute_s"],
+        "DPO reference pass (no-grad log-probs)": dpo["metrics"].get("reference_s", 0.0),
         "evaluation (generate + ground + metrics)": ev["seconds"] - ev["metrics"]["adapter_switch_s"],
         "overhead: adapter hand-off (switch + probe)": gen["metrics"]["adapter_switch_s"] + ev["metrics"]["adapter_switch_s"],
-        "overhead: Ray Train start-up, ref pass, checkpoint I/O, data prep":
-            sft["seconds"] - sft["metrics"]["compute_s"] + dpo["seconds"] - dpo["metrics"]["compute_s"],
+        "overhead: Ray Train start-up, data prep, model load, checkpoint I/O":
+            sft["seconds"] - sft["metrics"]["compute_s"] + dpo["seconds"] - dpo["metrics"]["compute_s"]
+            - dpo["metrics"].get("reference_s", 0.0),
     }
     round_s = sum(m["seconds"] for m in (gen, sft, dpo, ev))
     overhead = sum(v for k, v in rows.items() if k.startswith("overhead"))

@@ -272,3 +272,7 @@ def test_summarize_means_over_steps_and_skips_the_first_step_for_throughput():
     out = summarize(history, restored_from=1)
     assert out["loss"] == 2.0 and out["final_loss"] == 1.0 and out["first_loss"] == 3.0
     assert out["tokens_per_s"] == 200.0 and out["steps"] == 3 and out["restored_from_step"] == 1
+    assert out["compute_s"] == 12.0 and "reference_s" not in out
+    # a resumed DPO phase ran its reference pass twice (first step of each attempt): both count
+    history[0]["reference_s"], history[2]["reference_s"] = 4.0, 5.0
+    assert summarize(history)["reference_s"] == 9.0

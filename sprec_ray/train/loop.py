@@ -225,6 +225,8 @@ def train_loop(config: dict[str, Any]) -> None:
         metrics = {k: sums[i] / norm for i, k in enumerate(names)}
         metrics.update(step=float(state.step), epoch=float(epoch), lr=lr, grad_norm=grad_norm,
                        tokens=sums[-1], tokens_per_s=sums[-1] / elapsed, step_time_s=elapsed)
+        if ran == 1 and spec.phase == "dpo":  # this attempt's reference pass: compute, not orchestration
+            metrics["reference_s"] = marks[-1][1] - marks[-2][1]
         state.history.append(metrics)
         tracker.log(state.step, total, metrics)
         due = state.step % max(1, cfg.train.checkpoint_every) == 0 or state.step == total

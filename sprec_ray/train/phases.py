@@ -59,6 +59,8 @@ def summarize(history: list[dict[str, float]], restored_from: int = 0) -> dict[s
         out["final_reward_margin"] = history[-1]["reward_margin"]
     out["steps"] = float(len(history))
     out["compute_s"] = sum(h["step_time_s"] for h in history)  # phase wall time minus this = orchestration
+    if any("reference_s" in h for h in history):
+        out["reference_s"] = sum(h.get("reference_s", 0.0) for h in history)  # DPO's no-grad reference pass
     out["restored_from_step"] = float(restored_from)
     return out
 
