@@ -4,7 +4,8 @@ All variants share one warm-start SFT adapter (selfplay.init_adapter), so the co
 the preference step. Writes a Markdown table, JSON and a plot to --out.
 
     python benchmarks/quality.py                                   # Goodreads sample, SmolLM2, CPU
-    python benchmarks/quality.py --data ../shared/data/goodreads --train 512 --valid 200 --rounds 3
+    # the table in benchmarks/RESULTS.md (~1.8 h on 2 CPU cores):
+    python benchmarks/quality.py --train 512 --round-rows 64 --valid 100 --rounds 3 data.max_history=5 sft.epochs=2
 """
 
 from __future__ import annotations
