@@ -27,7 +27,7 @@ def plot_rounds(rows: Sequence[tuple[str, dict[str, float]]], k: int, out_path: 
 
     labels = [label for label, _ in rows]
     x = list(range(len(rows)))
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4))
     panels = [("accuracy", ("NDCG", "HR")), ("over-recommendation", ("DivRatio", "ORRatio")),
               ("genre unfairness (lower is fairer)", ("MGU", "DGU"))]
     for ax, (title, names) in zip(axes, panels, strict=False):
@@ -42,9 +42,9 @@ def plot_rounds(rows: Sequence[tuple[str, dict[str, float]]], k: int, out_path: 
         share = [m.get(key, 0.0) for _, m in rows]
         axes[3].bar(x, share, bottom=bottom, label=key.replace(f"@{k}", "").replace("PopShare", "pop group "))
         bottom = [b + s for b, s in zip(bottom, share, strict=True)]
-    axes[3].set_title(f"popularity of top-{k} recommendations (group 4 = most popular)")
+    axes[3].set_title(f"top-{k} items by popularity group (4 = most popular)")
     axes[3].set_xticks(x, labels, rotation=30, ha="right")
-    axes[3].legend(fontsize="small")
+    axes[3].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_path, dpi=100)
