@@ -35,13 +35,13 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "bench_out" / "round_time.json"))
     args = parser.parse_args()
 
-    if args.run_dir:
-        run_dir, total, r = Path(args.run_dir), float("nan"), args.round
-        from sprec_ray.config import load_config
+    from sprec_ray.config import load_config
 
+    total: float | None = None  # whole run incl. warm start; unknown for --run-dir
+    if args.run_dir:
+        run_dir, r = Path(args.run_dir), args.round
         args.model = load_config(run_dir / "config.yaml").model.name
     else:
-        from sprec_ray.config import load_config
         from sprec_ray.selfplay import run_selfplay
 
         run_dir, r = REPO / "bench_out" / f"round_time_{Path(args.model).name}", 1
@@ -82,7 +82,7 @@ def main() -> None:
     print(f"| **round total** | {round_s:.1f} | 100% |")
     print(f"\norchestration overhead: {overhead:.1f}s = {overhead / round_s:.0%} of the round; "
           f"vLLM actor start-up (once per run): {startup:.1f}s"
-          + (f"; whole run incl. warm start: {total:.1f}s" if total == total else ""))  # nan for --run-dir
+          + (f"; whole run incl. warm start: {total:.1f}s" if total is not None else ""))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": args.model, "backend": args.backend, "rows": args.rows, "gpu": args.gpu,
