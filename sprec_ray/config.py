@@ -49,6 +49,8 @@ class ModelConfig:
     max_prompt_len: int = 384
     max_response_len: int = 48
     trust_remote_code: bool = False
+    # Attention kernel of the trained model; flash_attention_2 needs the flash-attn package on the workers.
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,9 @@ class DPOConfig:
     grad_accum: int = 4
     warmup_steps: int = 0
     max_steps: int = 0
+    # LoRA dropout while DPO trains. 0 (TRL's disable_dropout) makes the policy equal the reference
+    # at step 0, so the first rewards are exactly 0; the SFT stages use lora.dropout.
+    lora_dropout: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -100,7 +105,15 @@ class TrainConfig:
     max_failures: int = 1
     logger: Literal["none", "tensorboard", "wandb", "mlflow"] = "none"
     checkpoint_every: int = 50  # optimizer steps between Ray Train checkpoints (one is always written at the end)
+    # Steps between `ray.train.report` calls (a barrier across workers); each report carries the
+    # window's means. The trackers (TensorBoard / W&B / MLflow) still get every step from rank 0.
+    log_every: int = 10
     max_grad_norm: float = 1.0  # global gradient-norm clip (HF Trainer's default)
+    # Micro-batches by padded-token budget instead of a fixed row count (0 = batch_size rows);
+    # length-bucketed, so long rows travel in small batches and short rows in large ones.
+    max_tokens_per_batch: int = 0
+    gradient_checkpointing: bool = False
+    gpus_per_worker: float = 1.0  # with use_gpu; 0.5 lets a trainer share one GPU with a generation actor
 
 
 @dataclass(frozen=True)
@@ -120,6 +133,9 @@ class GenerationConfig:
     # Keep the actors between phases (fast on a node with spare CPUs/GPUs); False frees their GPUs
     # for the trainers when both must share the same devices.
     keep_alive: bool = True
+    # GPU shared by trainer and engine: the engine frees its GPU memory while a fit runs (vLLM sleep
+    # mode level 1; the hf backend moves its model to host memory) and takes it back to generate.
+    release_while_training: bool = False
     # "auto": bfloat16 for vLLM; float32 for the hf backend on CPU, bfloat16 on CUDA.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_inflight_per_actor: int = 2  # shards queued per actor, so an engine never waits for the driver
@@ -169,6 +185,7 @@ class RunConfig:
     output_dir: str = "runs/default"
     ray_address: str = ""  # "" = attach to RAY_ADDRESS / the job's cluster, else start a local one
     ray_num_cpus: int = 0  # local Ray only; 0 = let Ray decide
+    ray_dashboard: bool = False  # local Ray only; False leaves include_dashboard at Ray's default
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -198,6 +215,7 @@ def _check_cross_fields(cfg: RunConfig) -> None:
         "sft.batch_size": cfg.sft.batch_size, "dpo.batch_size": cfg.dpo.batch_size,
         "dpo.num_negatives": cfg.dpo.num_negatives, "sft.grad_accum": cfg.sft.grad_accum,
         "dpo.grad_accum": cfg.dpo.grad_accum, "serve.max_k": cfg.serve.max_k,
+        "train.log_every": cfg.train.log_every,
     }
     for key, value in positive.items():
         if value < 1:
@@ -206,6 +224,13 @@ def _check_cross_fields(cfg: RunConfig) -> None:
         raise ConfigError(f"dpo.num_negatives must be 1 when dpo.loss is 'dpo' (got {cfg.dpo.num_negatives}); use dpo.loss: sdpo for K > 1")
     if cfg.dpo.beta <= 0:
         raise ConfigError(f"dpo.beta must be > 0, got {cfg.dpo.beta}")
+    for key, value in {"lora.dropout": cfg.lora.dropout, "dpo.lora_dropout": cfg.dpo.lora_dropout}.items():
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{key} must be in [0, 1), got {value}")
+    if cfg.train.max_tokens_per_batch < 0:
+        raise ConfigError(f"train.max_tokens_per_batch must be >= 0 (0 = off), got {cfg.train.max_tokens_per_batch}")
+    if cfg.train.use_gpu and not 0.0 < cfg.train.gpus_per_worker <= 1.0:
+        raise ConfigError(f"train.gpus_per_worker must be in (0, 1], got {cfg.train.gpus_per_worker}")
     if not 0.0 <= cfg.sft.cft.beta <= 1.0:
         raise ConfigError(f"sft.cft.beta must be in [0, 1], got {cfg.sft.cft.beta}")
     if cfg.selfplay.rounds < 0:

@@ -51,7 +51,7 @@ def _not_set_by_job(env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in job_vars}
 
 
-def init_ray(address: str = "", num_cpus: int = 0) -> None:
+def init_ray(address: str = "", num_cpus: int = 0, dashboard: bool = False) -> None:
     """Attach to `address` / RAY_ADDRESS (a `ray job submit` run) or start a local instance."""
     apply_default_env()
     if ray.is_initialized():
@@ -61,7 +61,7 @@ def init_ray(address: str = "", num_cpus: int = 0) -> None:
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
-        # The dashboard serves the State API; without it Ray Train's placement-group cleaner logs a
-        # warning every few seconds for the whole run.
-        ray.init(num_cpus=num_cpus or None, include_dashboard=True, dashboard_host="127.0.0.1",
-                 runtime_env=runtime_env)
+        # include_dashboard=None is Ray's default: the dashboard starts where its packages are
+        # installed (it serves the State API Ray Train polls) and is skipped, not fatal, elsewhere.
+        ray.init(num_cpus=num_cpus or None, include_dashboard=True if dashboard else None,
+                 dashboard_host="127.0.0.1", runtime_env=runtime_env)

@@ -1,10 +1,13 @@
 """The SPRec self-play driver.
 
 warm-start SFT, then per round r:
-  generate negatives with round r-1's model (vLLM pool) -> SFT on the real next items
-  -> DPO / S-DPO against those negatives, reference = this round's SFT model -> evaluate on valid.
-Every phase is idempotent and leaves a manifest; `resume=True` skips finished phases, and an
-interrupted training phase picks up from its last Ray Train checkpoint.
+  one generation pass with round r-1's model (vLLM pool, one adapter switch): evaluate round r-1 on
+  valid + generate round r's negatives -> one training fit: SFT on the real next items, then DPO /
+  S-DPO against those negatives (reference = this round's SFT weights); after the last round,
+  evaluate it.
+Every phase (r1_negatives, r1_sft, r1_dpo, r1_eval, ...) is idempotent and leaves a manifest;
+`resume=True` skips finished phases, and an interrupted fit picks up from its last Ray Train
+checkpoint, at stage granularity.
 """
 
 from __future__ import annotations
@@ -67,18 +70,32 @@ class SelfPlayDriver:
 
     # ---- phase bookkeeping -------------------------------------------------------------
     def phase(self, name: str, body: Callable[[], tuple[dict[str, Any], dict[str, float]]]) -> PhaseRecord:
-        done = self.store.load(name)
-        if done is not None:
-            log.info("phase %-10s already done (resume), skipping", name)
-            return done
-        log.info("phase %-10s start", name)
-        start = time.perf_counter()
-        outputs, metrics = body()
-        record = PhaseRecord(name, outputs, metrics, time.perf_counter() - start)
-        self.store.save(record)
-        shown = ", ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[:8])
-        log.info("phase %-10s done in %.1fs  %s", name, record.seconds, shown)
-        return record
+        def timed(_: list[str]) -> dict[str, tuple[dict[str, Any], dict[str, float], float]]:
+            start = time.perf_counter()
+            outputs, metrics = body()
+            return {name: (outputs, metrics, time.perf_counter() - start)}
+
+        return self.phases([name], timed)[name]
+
+    def phases(self, names: list[str],
+               body: Callable[[list[str]], dict[str, tuple[dict[str, Any], dict[str, float], float]]]) -> dict[str, PhaseRecord]:
+        """Phases that run together (one fit, one generation pass); `body(todo)` gets the unfinished
+        ones and returns (outputs, metrics, seconds) for each."""
+        records = {name: self.store.load(name) for name in names}
+        for name in names:
+            if records[name] is not None:
+                log.info("phase %-12s already done (resume), skipping", name)
+        todo = [name for name in names if records[name] is None]
+        if not todo:
+            return records
+        log.info("phase %-12s start", " + ".join(todo))
+        for name, (outputs, metrics, seconds) in body(todo).items():
+            record = PhaseRecord(name, outputs, metrics, seconds)
+            self.store.save(record)
+            records[name] = record
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[:8])
+            log.info("phase %-12s done in %.1fs  %s", name, record.seconds, shown)
+        return records
 
     # ---- lazily built, shared pieces -----------------------------------------------------
     @property
@@ -90,23 +107,37 @@ class SelfPlayDriver:
             self._grounder = Grounder(self.data.catalogue.titles, make_embedder(self.cfg.eval.embedder))
         return self._grounder
 
-    def generate(self, prompts: Sequence[str], adapter: str | None, adapter_id: int,
-                 decoding: Decoding | None = None) -> tuple[list[list[str]], dict[str, float]]:
-        """Completions in prompt order, plus timing: actor start-up (when this call started the
-        pool), adapter hand-off (switch + probe check) and generation throughput."""
+    def generate(self, groups: Sequence[tuple[Sequence[str], Decoding]], adapter: str | None,
+                 adapter_id: int) -> list[tuple[list[list[str]], dict[str, float]]]:
+        """Completions for each (prompts, decoding) group, in prompt order, from one adapter: one
+        switch and one probe for all of them, and groups that decode alike share one request stream.
+        Timing per group: actor start-up (when this call started the pool), adapter hand-off
+        (switch + probe) and generation throughput (a shared stream's time split by prompts)."""
         from .generate.pool import GenerationPool
 
-        timing = {"actor_startup_s": 0.0}
+        startup = 0.0
         if self._pool is None:
             self._pool = GenerationPool(self.cfg.generation, self.base_model, self.cfg.lora.r, self.cfg.seed)
-            timing["actor_startup_s"] = self._pool.startup_s
+            startup = self._pool.startup_s
+        out: list[tuple[list[list[str]], dict[str, float]] | None] = [None] * len(groups)
         try:
-            completions = self._pool.generate(list(prompts), adapter, adapter_id, decoding=decoding)
-            stats = self._pool.last_stats
-            timing.update(generate_s=stats.wall_s, adapter_switch_s=stats.switch_s, probe_logprob_diff=stats.probe_diff,
-                          prompts_per_s=stats.prompts_per_s, gen_tokens_per_s=stats.tokens_per_s,
-                          requeued_shards=float(stats.requeued))
-            return completions, timing
+            for decoding in dict.fromkeys(d for _, d in groups):  # distinct decodings, first-seen order
+                members = [i for i, (_, d) in enumerate(groups) if d == decoding]
+                prompts = [p for i in members for p in groups[i][0]]
+                completions = self._pool.generate(prompts, adapter, adapter_id, decoding=decoding)
+                stats = self._pool.last_stats
+                at = 0
+                for i in members:
+                    n = len(groups[i][0])
+                    share = n / max(1, len(prompts))
+                    timing = {"actor_startup_s": startup, "generate_s": stats.wall_s * share,
+                              "adapter_switch_s": stats.switch_s * share, "probe_logprob_diff": stats.probe_diff,
+                              "prompts_per_s": stats.prompts_per_s, "gen_tokens_per_s": stats.tokens_per_s,
+                              "requeued_shards": float(stats.requeued)}
+                    out[i] = (completions[at:at + n], timing)
+                    at += n
+                startup = 0.0
+            return [o for o in out if o is not None]
         finally:
             if not self.cfg.generation.keep_alive:
                 self.shutdown_pool()
@@ -119,34 +150,88 @@ class SelfPlayDriver:
     # ---- the loop ----------------------------------------------------------------------
     def run(self) -> list[tuple[str, dict[str, float]]]:
         cfg = self.cfg
-        init_ray(cfg.ray_address, cfg.ray_num_cpus)
+        init_ray(cfg.ray_address, cfg.ray_num_cpus, cfg.ray_dashboard)
         import ray.data
 
         # Fixed block order makes a resumed run see the same batches as an uninterrupted one.
         ray.data.DataContext.get_current().execution_options.preserve_order = True
         prep = self.phase("prepare", self._prepare)
         self.base_model = Path(prep.outputs["base_model"])
-        results: list[tuple[str, dict[str, float]]] = []
         if cfg.selfplay.init_adapter:
             adapter = str(Path(cfg.selfplay.init_adapter).resolve())
         else:
-            adapter = self.phase("r0_sft", lambda: self._sft(0, self._round_rows(0), None)).outputs["adapter"]
-        results.append(("r0 (SFT)", self.phase("r0_eval", lambda: self._evaluate(0, adapter)).metrics))
-        for r in range(1, cfg.selfplay.rounds + 1):
-            rows = self._round_rows(r)
-            previous = adapter
-            if cfg.selfplay.method == "sft_only":
-                adapter = self.phase(f"r{r}_sft", lambda r=r, rows=rows, p=previous: self._sft(r, rows, p)).outputs["adapter"]
-            else:
-                negatives = self.phase(f"r{r}_negatives", lambda r=r, rows=rows, p=previous: self._negatives(r, rows, p))
-                sft = self.phase(f"r{r}_sft", lambda r=r, rows=rows, p=previous: self._sft(r, rows, p)).outputs["adapter"]
-                adapter = self.phase(f"r{r}_dpo", lambda r=r, n=negatives, s=sft: self._dpo(r, n, s)).outputs["adapter"]
-            results.append((f"r{r}", self.phase(f"r{r}_eval", lambda r=r, a=adapter: self._evaluate(r, a)).metrics))
+            adapter = self._train(0, None)["r0_sft"].outputs["adapter"]
+        results: list[tuple[str, dict[str, float]]] = []
+        for r in range(1, cfg.selfplay.rounds + 2):
+            last = r == cfg.selfplay.rounds + 1
+            done = self._generation_pass(r - 1, adapter, negatives_for=None if last else r)
+            results.append(("r0 (SFT)" if r == 1 else f"r{r - 1}", done[f"r{r - 1}_eval"].metrics))
+            if not last:
+                adapter = self._train(r, adapter)[f"r{r}_{'sft' if cfg.selfplay.method == 'sft_only' else 'dpo'}"].outputs["adapter"]
         self.shutdown_pool()
         write_json_atomic(self.run_dir / "final.json", {"base_model": str(self.base_model), "adapter": adapter,
                                                         "round": cfg.selfplay.rounds})
         self._write_report(results)
         return results
+
+    def _generation_pass(self, r: int, adapter: str, negatives_for: int | None) -> dict[str, PhaseRecord]:
+        """Evaluate round r's adapter and, with it, build round `negatives_for`'s self-play negatives."""
+        names = [f"r{r}_eval"]
+        if negatives_for is not None and self.cfg.selfplay.method != "sft_only":
+            names.append(f"r{negatives_for}_negatives")
+
+        def body(todo: list[str]) -> dict[str, tuple[dict[str, Any], dict[str, float], float]]:
+            start = time.perf_counter()
+            # greedy whatever generation.decoding says: sampled / beam decoding is for S-DPO's negatives
+            greedy = Decoding("greedy", 1, max_new_tokens=self.cfg.generation.max_new_tokens)
+            groups = {f"r{r}_eval": (self._prompts(self.data.valid), greedy)}
+            if negatives_for is not None and self.cfg.selfplay.method == "sprec":
+                rows = self._round_rows(negatives_for)
+                groups[f"r{negatives_for}_negatives"] = (self._prompts(rows), Decoding.from_config(self.cfg.generation))
+            wanted = [n for n in todo if n in groups]
+            generated = dict(zip(wanted, self.generate([groups[n] for n in wanted], adapter, adapter_id=r + 1),
+                                 strict=True)) if wanted else {}
+            out = {}
+            for name in todo:
+                t = time.perf_counter()
+                if name.endswith("_eval"):
+                    outputs, metrics = self._evaluate(r, *generated[name])
+                else:
+                    outputs, metrics = self._negatives(negatives_for, self._round_rows(negatives_for), generated.get(name))
+                gen_s = metrics.get("generate_s", 0.0) + metrics.get("adapter_switch_s", 0.0) + metrics.get("actor_startup_s", 0.0)
+                out[name] = (outputs, metrics, time.perf_counter() - t + gen_s)
+            log.info("generation pass r%d: %.1fs for %s", r, time.perf_counter() - start, " + ".join(todo))
+            return out
+
+        return self.phases(names, body)
+
+    def _train(self, r: int, init_adapter: str | None) -> dict[str, PhaseRecord]:
+        """Round r's fit: SFT (the warm start when r = 0), then DPO on the round's negatives."""
+        from .train.phases import Stage, run_fit
+
+        names = [f"r{r}_sft"] + ([f"r{r}_dpo"] if r > 0 and self.cfg.selfplay.method != "sft_only" else [])
+
+        def body(_: list[str]) -> dict[str, tuple[dict[str, Any], dict[str, float], float]]:
+            rows = self._round_rows(r)
+            stages = [Stage("sft", names[0], self._dataset(names[0], rows), self.run_dir / f"r{r}" / "sft")]
+            if len(names) > 1:
+                dataset = self._dpo_dataset(r, self.store.load(f"r{r}_negatives"))
+                stages.append(Stage("dpo", names[1], dataset, self.run_dir / f"r{r}" / "dpo"))
+            if self.cfg.generation.release_while_training and self._pool is not None:
+                self._pool.release()
+            results = run_fit(self.cfg, self.base_model, stages, Path(init_adapter) if init_adapter else None,
+                              name=f"r{r}_train")
+            out, rest = {}, 0.0
+            for stage in reversed(stages):  # the first stage carries the fit's start-up; later ones their own work
+                m = results[stage.name].metrics
+                own = m.get("data_s", 0.0) + m.get("reference_s", 0.0) + m.get("prepare_s", 0.0) + m["loop_s"]
+                seconds = m["fit_s"] - rest if stage is stages[0] else own
+                rest += own
+                out[stage.name] = ({"adapter": str(results[stage.name].adapter_dir),
+                                    "checkpoint": results[stage.name].checkpoint_path}, m, seconds)
+            return out
+
+        return self.phases(names, body)
 
     def _round_rows(self, round_id: int) -> list[Example]:
         n = self.cfg.selfplay.round_samples
@@ -173,14 +258,7 @@ class SelfPlayDriver:
         return prompt_dataset(shards, self.data.catalogue, self.cfg.data.item_noun,
                               counterfactual=self.cfg.sft.cft.enabled)
 
-    def _sft(self, r: int, rows: Sequence[Example], init_adapter: str | None):
-        from .train.phases import run_sft
-
-        result = run_sft(self.cfg, self.base_model, self._dataset(f"r{r}_sft", rows), self.run_dir / f"r{r}" / "sft",
-                         Path(init_adapter) if init_adapter else None, name=f"r{r}_sft")
-        return {"adapter": str(result.adapter_dir), "checkpoint": result.checkpoint_path}, result.metrics
-
-    def _negatives(self, r: int, rows: Sequence[Example], adapter: str):
+    def _negatives(self, r: int, rows: Sequence[Example], generated: tuple[list[list[str]], dict[str, float]] | None):
         k = self.cfg.dpo.num_negatives
         if self.cfg.selfplay.method == "dpo_random":
             negatives = random_negatives(rows, len(self.data.catalogue), k, self.cfg.seed + r)
@@ -188,8 +266,7 @@ class SelfPlayDriver:
         else:
             from .generate.negatives import build_negatives
 
-            prompts = self._prompts(rows)
-            completions, timing = self.generate(prompts, adapter, adapter_id=r)
+            completions, timing = generated
             negatives, neg_stats = build_negatives(rows, completions, self.data.catalogue, self.grounder, k, self.cfg.seed + r)
             stats = {**{k_: float(v) for k_, v in dataclasses.asdict(neg_stats).items()}, **timing}
         path = self.run_dir / f"r{r}" / "negatives.parquet"
@@ -197,28 +274,21 @@ class SelfPlayDriver:
         pq.write_table(pa.table({"row_id": [e.row_id for e in rows], "negatives": [list(n) for n in negatives]}), path)
         return {"negatives": str(path)}, stats
 
-    def _dpo(self, r: int, negatives: PhaseRecord, sft_adapter: str):
-        from .train.phases import run_dpo
-
+    def _dpo_dataset(self, r: int, negatives: PhaseRecord):
         table = pq.read_table(negatives.outputs["negatives"]).to_pydict()
         by_row = dict(zip(table["row_id"], table["negatives"], strict=True))
         rows = [e for e in self._round_rows(r) if by_row.get(e.row_id)]
-        dataset = self._dataset(f"r{r}_dpo", rows, [by_row[e.row_id] for e in rows])
-        result = run_dpo(self.cfg, self.base_model, dataset, self.run_dir / f"r{r}" / "dpo", Path(sft_adapter), name=f"r{r}_dpo")
-        return {"adapter": str(result.adapter_dir), "checkpoint": result.checkpoint_path}, result.metrics
+        return self._dataset(f"r{r}_dpo", rows, [by_row[e.row_id] for e in rows])
 
     def _prompts(self, rows: Sequence[Example]) -> list[str]:
         titles = self.data.catalogue.titles
         return [render_prompt([titles[i] for i in e.history], self.cfg.data.item_noun) for e in rows]
 
-    def _evaluate(self, r: int, adapter: str):
+    def _evaluate(self, r: int, completions: list[list[str]], timing: dict[str, float]):
         from .eval.evaluate import evaluate_completions
 
-        rows = self.data.valid
-        # greedy whatever generation.decoding says: sampled / beam decoding is for S-DPO's negatives
-        greedy = Decoding("greedy", 1, max_new_tokens=self.cfg.generation.max_new_tokens)
-        completions, timing = self.generate(self._prompts(rows), adapter, adapter_id=r + 1, decoding=greedy)
-        metrics, predictions = evaluate_completions(completions, rows, self.data.catalogue, self.grounder, self.cfg.eval.ks)
+        metrics, predictions = evaluate_completions(completions, self.data.valid, self.data.catalogue, self.grounder,
+                                                    self.cfg.eval.ks)
         metrics.update(timing)
         path = self.run_dir / f"r{r}" / "eval_predictions.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)

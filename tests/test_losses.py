@@ -18,9 +18,11 @@ from sprec_ray.train.batching import (
     encode_sft_batch,
     group_steps,
     plan_epoch,
+    plan_epoch_tokens,
     split_pair_logps,
+    split_to_count,
 )
-from sprec_ray.train.loop import Hyper, lr_at, total_steps
+from sprec_ray.train.loop import Hyper, StepPlan, lr_at
 from sprec_ray.train.losses import (
     IGNORE,
     cft_loss_sum,
@@ -238,6 +240,22 @@ def test_plan_epoch_covers_each_row_once_and_buckets_lengths():
     assert [len(s) for s in group_steps(batches, 16)] == [16, 16, 16, 3]
 
 
+def test_token_budget_plan_packs_short_rows_densely_and_stays_under_budget():
+    lengths = [(i * 37) % 101 + 5 for i in range(203)] + [500]  # one row alone is over the budget
+    batches = plan_epoch_tokens(lengths, max_tokens=400, seed=0, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(204))
+    assert batches == plan_epoch_tokens(lengths, 400, seed=0, epoch=0) != plan_epoch_tokens(lengths, 400, seed=0, epoch=1)
+    for b in batches:
+        assert len(b) * max(lengths[i] for i in b) <= 400 or b == [203]
+    sizes = {len(b): max(lengths[i] for i in b) for b in batches}
+    assert max(sizes) >= 4 * min(sizes)  # short rows travel in much larger batches than long ones
+    # ranks that packed fewer batches split their largest ones up to the global count; rows kept, in order
+    more = split_to_count(batches, len(batches) + 5)
+    assert len(more) == len(batches) + 5 and [i for b in more for i in b] == [i for b in batches for i in b]
+    with pytest.raises(ValueError, match="cannot turn"):
+        split_to_count([[0], [1]], 3)
+
+
 def test_left_padded_batch_gives_the_same_logps_as_each_row_alone(tiny_model_dir, tokenizer):
     from transformers import AutoModelForCausalLM
 
@@ -262,17 +280,19 @@ def test_lr_warms_up_then_decays_and_is_never_zero():
     lrs = [lr_at(s, 10, 2, 1.0) for s in range(10)]
     assert lrs[:3] == [0.5, 1.0, 1.0] and lrs[-1] == pytest.approx(1 / 8)
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:], strict=False)) and min(lrs) > 0
-    assert total_steps(33, Hyper(1e-3, 2, 4, 4, 0, 0)) == (3, 6)
-    assert total_steps(33, Hyper(1e-3, 2, 4, 4, 0, 5)) == (3, 5)
+    cpu = torch.device("cpu")
+    plan = StepPlan([10] * 33, Hyper(1e-3, 2, 4, 4, 0, 0), 0, 0, cpu)
+    assert (plan.per_epoch, plan.total) == (3, 6) and StepPlan([10] * 33, Hyper(1e-3, 2, 4, 4, 0, 5), 0, 0, cpu).total == 5
+    assert [len(plan.step(s)) for s in range(6)] == [4, 4, 1] * 2  # the last step of an epoch holds the rest
 
 
 def test_summarize_means_over_steps_and_skips_the_first_step_for_throughput():
     history = [{"loss": 3.0, "tokens": 100.0, "step_time_s": 10.0}, {"loss": 2.0, "tokens": 100.0, "step_time_s": 1.0},
                {"loss": 1.0, "tokens": 300.0, "step_time_s": 1.0}]
-    out = summarize(history, restored_from=1)
+    out = summarize(history, {"loop_s": 14.0}, restored_from=1)
     assert out["loss"] == 2.0 and out["final_loss"] == 1.0 and out["first_loss"] == 3.0
     assert out["tokens_per_s"] == 200.0 and out["steps"] == 3 and out["restored_from_step"] == 1
-    assert out["compute_s"] == 12.0 and "reference_s" not in out
-    # a resumed DPO phase ran its reference pass twice (first step of each attempt): both count
-    history[0]["reference_s"], history[2]["reference_s"] = 4.0, 5.0
-    assert summarize(history)["reference_s"] == 9.0
+    assert out["compute_s"] == 12.0 and out["loop_s"] == 14.0 and "wall_tokens_per_s" not in out
+    for h, wall in zip(history, (11.0, 1.5, 2.5), strict=True):  # reports and logging between steps
+        h["wall_s"] = wall
+    assert summarize(history, {})["wall_tokens_per_s"] == 100.0

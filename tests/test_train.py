@@ -18,15 +18,17 @@ from sprec_ray.config import load_config
 from sprec_ray.data.prompts import render_prompt, render_response
 from sprec_ray.train.checkpointing import read_state
 from sprec_ray.train.loop import FAULT_ENV
-from sprec_ray.train.phases import PhaseResult, run_dpo, run_sft, with_train
+from sprec_ray.train.phases import PhaseResult, Stage, run_dpo, run_fit, run_sft, with_train
 
 pytestmark = pytest.mark.slow
 
 
+_BASE = ["seed=3", "lora.r=4", "lora.alpha=8", "lora.dropout=0.0", "model.max_response_len=64", "sft.lr=0.01",
+         "sft.warmup_steps=1", "train.checkpoint_every=2"]
+
+
 def _cfg(out: Path, *overrides: str, workers: int = 2):
-    base = [f"output_dir={out}", "seed=3", "lora.r=4", "lora.alpha=8", "lora.dropout=0.0", "model.max_response_len=64",
-            "sft.lr=0.01", "sft.warmup_steps=1", "train.checkpoint_every=2"]
-    return with_train(load_config(None, [*base, *overrides]), num_workers=workers)
+    return with_train(load_config(None, [f"output_dir={out}", *_BASE, *overrides]), num_workers=workers)
 
 
 def _losses(result: PhaseResult) -> list[float]:
@@ -103,30 +105,35 @@ def test_zero3_worker_killed_mid_run_resumes_from_checkpoint(single_process, sft
 
 
 @pytest.mark.timeout(400)
-def test_cft_on_ddp_then_sdpo_on_zero2_from_ray_data_pipeline(tiny_data, tiny_model_dir, tmp_path, ray_session):
+def test_cft_then_sdpo_in_one_fit_on_ddp_then_dpo_with_dropout_on_zero2(tiny_data, tiny_model_dir, tmp_path, ray_session):
     from sprec_ray.data.sharding import prompt_dataset, write_examples_parquet
 
     examples = tiny_data.train[:16]
     n = len(tiny_data.catalogue)
     negatives = [[(e.target + 1) % n, (e.target + 7) % n] for e in examples]
     write_examples_parquet(examples, tmp_path / "shards", num_shards=2, negatives=negatives)
-    # materialised once: both phases reuse the blocks instead of restarting the prompt-builder actor
+    # materialised once: both stages reuse the blocks instead of restarting the prompt-builder actor
     ds = prompt_dataset(tmp_path / "shards", tiny_data.catalogue, "books", counterfactual=True).materialize()
 
-    # CFT: one full-shard step per epoch (8 rows per worker); S-DPO: steps of 2 x 3 rows then 1 x 2 rows,
-    # so the partial last step of an epoch (explicit ZeRO accumulation boundary) is exercised.
+    # One worker group: CFT, one full-shard step per epoch (8 rows per worker), with LoRA dropout 0.1;
+    # then S-DPO from those weights, steps of 2 x 3 rows then 1 x 2 rows, so the partial last step of
+    # an epoch is exercised. Reports every 3 steps: the window means reach Ray Train, every step the tracker.
     cfg = _cfg(tmp_path, "sft.batch_size=4", "sft.grad_accum=2", "sft.epochs=3", "sft.cft.enabled=true",
-               "sft.cft.alpha=0.1", "train.logger=tensorboard", "dpo.loss=sdpo", "dpo.num_negatives=2", "dpo.beta=0.5",
-               "dpo.lr=0.02", "dpo.batch_size=3", "dpo.grad_accum=2", "dpo.epochs=4", "train.zero_stage=2")
-    cft = run_sft(with_train(cfg, zero_stage=0), tiny_model_dir, ds, tmp_path / "cft", None, "cft")
-    history = read_state(_ckpt(cft)).history
+               "sft.cft.alpha=0.1", "lora.dropout=0.1", "train.logger=tensorboard", "train.log_every=3",
+               "dpo.loss=sdpo", "dpo.num_negatives=2", "dpo.beta=0.5", "dpo.lr=0.02", "dpo.batch_size=3",
+               "dpo.grad_accum=2", "dpo.epochs=4", "train.zero_stage=0")
+    results = run_fit(cfg, tiny_model_dir, [Stage("sft", "cft", ds, tmp_path / "cft"),
+                                            Stage("dpo", "sdpo", ds, tmp_path / "sdpo")], None, "cft_sdpo")
+    cft, dpo = results["cft"], results["sdpo"]
+    state = read_state(_ckpt(dpo))
+    history = state.finished["cft"]["history"]
     assert all(h["loss"] > h["factual_loss"] > 0 for h in history)  # the TE term is on top of the factual CE
     assert history[-1]["loss"] < history[0]["loss"]
-    assert list((tmp_path / "tensorboard" / "cft").glob("events.out.tfevents.*"))
+    assert len(list((tmp_path / "tensorboard" / "cft").glob("events.out.tfevents.*"))) == 1
+    assert cft.metrics["setup_s"] > 0 and dpo.metrics["reference_s"] > 0 and "setup_s" not in dpo.metrics
 
-    dpo = run_dpo(cfg, tiny_model_dir, ds, tmp_path / "sdpo", cft.adapter_dir, "sdpo")
-    history = read_state(_ckpt(dpo)).history
-    # step 1: policy == reference (no dropout), so every reward is 0 and the loss is log(1 + K)
+    history = state.history
+    # step 1: policy == reference (DPO runs without dropout by default), so every reward is 0, loss log(1 + K)
     assert history[0]["loss"] == pytest.approx(math.log(3), abs=1e-4)
     assert history[0]["chosen_reward"] == pytest.approx(0, abs=1e-4)
     assert len(history) == 8
@@ -134,6 +141,13 @@ def test_cft_on_ddp_then_sdpo_on_zero2_from_ray_data_pipeline(tiny_data, tiny_mo
     assert last < first - 0.05
     assert dpo.metrics["final_reward_margin"] > 0 and dpo.metrics["final_accuracy"] > 0
     _assert_all_changed(load_file(str(cft.adapter_dir / "adapter_model.safetensors")), dpo.adapter_dir)
+
+    # With dropout in DPO the policy's first forward already differs from the reference pass.
+    dropout = with_train(load_config(None, [*_BASE, f"output_dir={tmp_path}", "dpo.lora_dropout=0.5", "dpo.loss=sdpo",
+                                            "dpo.num_negatives=2", "dpo.max_steps=2", "dpo.batch_size=4",
+                                            "train.zero_stage=2"]), num_workers=2)
+    noisy = read_state(_ckpt(run_dpo(dropout, tiny_model_dir, ds, tmp_path / "noisy", cft.adapter_dir, "noisy"))).history
+    assert len(noisy) == 2 and abs(noisy[0]["loss"] - math.log(3)) > 1e-3 and math.isfinite(noisy[-1]["loss"])
 
 
 def _ckpt(result: PhaseResult):

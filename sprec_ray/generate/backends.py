@@ -85,6 +85,12 @@ class GenerationBackend:
     def close(self) -> None:
         raise NotImplementedError
 
+    def release(self) -> None:
+        """Give the accelerator memory back while a trainer shares the GPU (no-op on CPU)."""
+
+    def reclaim(self) -> None:
+        """Take it back; called before any generation or probe (a no-op when not released)."""
+
 
 def cut_at_stop(text: str) -> str:
     """Keep text up to and including the quote of the first '"\\n' (the rest is past the answer)."""

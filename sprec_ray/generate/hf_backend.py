@@ -148,6 +148,17 @@ class HFBackend(GenerationBackend):
     def _ids(self, text: str, special: bool) -> list[int]:
         return self.tokenizer(text, add_special_tokens=special)["input_ids"]
 
+    def release(self) -> None:
+        if self.device.type == "cuda" and self.model is not None:
+            import torch
+
+            self.model.to("cpu")  # the PeftModel wraps this module: its LoRA weights move too
+            torch.cuda.empty_cache()
+
+    def reclaim(self) -> None:
+        if self.device.type == "cuda" and self.model is not None and self.model.device != self.device:
+            self.model.to(self.device)
+
     def close(self) -> None:
         self._peft = None
         self.model = None

@@ -92,6 +92,7 @@ class GenerationActor:
         return os.getpid()
 
     def switch(self, adapter_dir: str | None, adapter_id: int, probe_prompts: list[str]) -> ProbeResult | None:
+        self.backend.reclaim()
         if not probe_prompts:
             return None
         return run_probe(self.backend, probe_prompts, adapter_dir, adapter_id)
@@ -99,8 +100,12 @@ class GenerationActor:
     def generate_shard(self, shard: int, round_id: int, adapter_dir: str | None, adapter_id: int,
                        prompts: list[str], seed: int, decoding: Decoding) -> ShardResult:
         start = time.perf_counter()
+        self.backend.reclaim()
         out = self.backend.generate_counted(prompts, adapter_dir, adapter_id, seed, decoding)
         return ShardResult(shard, round_id, adapter_id, out.texts, out.num_tokens, time.perf_counter() - start)
+
+    def release(self) -> None:
+        self.backend.release()
 
     def close(self) -> None:
         self.backend.close()
@@ -402,6 +407,17 @@ class GenerationPool:
     def actors(self) -> list[Any]:
         """Live actor handles (tests kill one to exercise the fault path)."""
         return [s.actor for s in self._slots if s.state != "dead"]
+
+    def release(self) -> None:
+        """Every live engine gives its GPU memory back until its next request (a trainer is about to
+        use the same GPU); engines that fail here are replaced on the next round as usual."""
+        import ray
+
+        refs = [s.actor.release.remote() for s in self._slots if s.actor is not None and s.state != "dead"]
+        try:
+            ray.get(refs, timeout=self.cfg.request_timeout_s)
+        except Exception as err:
+            log.warning("releasing generation engines: %s", err)
 
     def shutdown(self) -> None:
         import ray

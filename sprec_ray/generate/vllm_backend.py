@@ -53,12 +53,14 @@ class VLLMBackend(GenerationBackend):
             kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(cfg.max_model_len, 2048))
         if on_cuda:
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+            kwargs["enable_sleep_mode"] = cfg.release_while_training
             if cfg.tensor_parallel > 1:
                 kwargs["distributed_executor_backend"] = "mp"  # TP workers inside this actor's GPUs
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self._paths: dict[int, Path] = {}  # adapter id -> the dir it was loaded from
         self._current: int | None = None
+        self._asleep = False
 
     # ---- adapters --------------------------------------------------------------------------
     def _lora(self, adapter_dir: str | Path | None, adapter_id: int):
@@ -140,6 +142,16 @@ class VLLMBackend(GenerationBackend):
             entries = out.prompt_logprobs[len(p): len(p) + len(c)]
             result.append([float(e[t].logprob) for e, t in zip(entries, c, strict=True)])
         return result
+
+    def release(self) -> None:
+        if self.cfg.release_while_training and not self._asleep and self.llm is not None:
+            self.llm.sleep(level=1)  # weights to host memory, KV cache dropped: the GPU is the trainer's
+            self._asleep = True
+
+    def reclaim(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
 
     def close(self) -> None:
         engine = getattr(getattr(self, "llm", None), "llm_engine", None)

@@ -158,6 +158,41 @@ def plan_epoch(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, b
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def plan_epoch_tokens(lengths: Sequence[int], max_tokens: int, seed: int, epoch: int,
+                      window_rows: int = 1024) -> list[list[int]]:
+    """Micro-batches under a padded-token budget (rows x longest row <= max_tokens; a row longer than
+    the budget goes alone): shuffle, sort each window by length, pack greedily, shuffle batch order.
+    Deterministic in (lengths, max_tokens, seed, epoch)."""
+    lens = np.asarray(lengths)
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lens))
+    batches: list[list[int]] = []
+    for start in range(0, len(order), window_rows):
+        idx = order[start:start + window_rows]
+        current: list[int] = []
+        for i in idx[np.argsort(-lens[idx], kind="stable")].tolist():
+            if current and (len(current) + 1) * int(lens[current[0]]) > max_tokens:
+                batches.append(current)
+                current = []
+            current.append(i)
+        if current:
+            batches.append(current)
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def split_to_count(batches: list[list[int]], count: int) -> list[list[int]]:
+    """Split the largest batches in half until there are `count` (ranks must run the same number of
+    micro-batches: ZeRO-3 gathers parameters collectively in every forward). Order is kept."""
+    if count < len(batches) or count > sum(len(b) for b in batches):
+        raise ValueError(f"cannot turn {len(batches)} micro-batches of {sum(len(b) for b in batches)} rows into {count}")
+    out = [list(b) for b in batches]
+    while len(out) < count:
+        i = max(range(len(out)), key=lambda j: len(out[j]))
+        half = len(out[i]) // 2
+        out[i:i + 1] = [out[i][:half], out[i][half:]]
+    return out
+
+
 def plan_sorted(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Batches in length order (no shuffle), for no-grad passes such as reference log-probs."""
     order = np.argsort(-np.asarray(lengths), kind="stable")

@@ -1,13 +1,15 @@
-"""What a phase checkpoint holds and how a restarted worker group picks it up.
+"""What a checkpoint of a (multi-stage) fit holds and how a restarted worker group picks it up.
 
 Layout of one Ray Train checkpoint (per-rank directories are merged by Ray in run storage):
 
-    adapter/              PEFT save_pretrained of the LoRA (rank 0; fp32 tensors gathered from ZeRO)
-    trainer_state.json    step, per-step metric history, phase + config digest (rank 0)
+    adapter/              PEFT save_pretrained of the current stage's LoRA (rank 0; fp32, gathered from ZeRO)
+    trainer_state.json    current stage, its step and per-step history, the finished stages' histories (rank 0)
     engine/               optimizer state: DeepSpeed save_checkpoint (every rank writes its ZeRO
                           partition) or torch optimizer.pt (rank 0, identical on all DDP ranks)
+    stages/<name>/        the final adapter of every stage finished so far (rank 0)
 
 Only trainable parameters are saved; frozen base weights come from the base checkpoint on restore.
+A fit's last checkpoint therefore holds every stage's adapter: the driver exports them from it.
 """
 
 from __future__ import annotations
@@ -25,16 +27,22 @@ from .engine import TrainEngine
 STATE_FILE = "trainer_state.json"
 ADAPTER_DIR = "adapter"
 ENGINE_DIR = "engine"
+STAGES_DIR = "stages"
+
+AdapterFiles = dict[str, bytes]  # a finished stage's adapter dir, file name -> content (a few MB at most)
 
 
 @dataclass
 class TrainerState:
-    phase: str
-    name: str
+    phase: str  # of the current stage: sft | dpo
+    name: str  # of the current stage, e.g. r1_dpo
     config_digest: str
     step: int = 0
-    restored_from: int = 0  # the step of the checkpoint this attempt resumed from (0 = fresh start)
+    done: bool = False  # the current stage finished (its adapter is also under stages/)
+    restored_from: int = 0  # the step of the checkpoint this attempt resumed the stage from (0 = fresh start)
     history: list[dict[str, float]] = field(default_factory=list)
+    timing: dict[str, float] = field(default_factory=dict)  # the current stage's setup / loop seconds
+    finished: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {phase, history, timing, restored_from}
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -51,41 +59,60 @@ def save_adapter(engine: TrainEngine, directory: Path, rank: int) -> None:
         engine.peft_model.save_pretrained(str(directory), state_dict=weights)
 
 
-def write_checkpoint(engine: TrainEngine, state: TrainerState, rank: int, staging: Path) -> Path:
+def read_adapter_files(directory: Path) -> AdapterFiles:
+    return {p.name: p.read_bytes() for p in Path(directory).iterdir() if p.is_file()}
+
+
+def write_checkpoint(engine: TrainEngine, state: TrainerState, rank: int, staging: Path,
+                     finished: dict[str, AdapterFiles]) -> Path:
     """Write this rank's part of a checkpoint into a fresh directory under `staging`."""
     staging.mkdir(parents=True, exist_ok=True)
-    directory = Path(tempfile.mkdtemp(prefix=f"step{state.step:06d}-rank{rank}-", dir=staging))
+    directory = Path(tempfile.mkdtemp(prefix=f"{state.name}-step{state.step:06d}-rank{rank}-", dir=staging))
     (directory / ENGINE_DIR).mkdir()
     engine.save_state(directory / ENGINE_DIR, rank)
     save_adapter(engine, directory / ADAPTER_DIR, rank)
     if rank == 0:
+        if state.done:  # the stage's final adapter joins the finished ones, in this and every later checkpoint
+            finished[state.name] = read_adapter_files(directory / ADAPTER_DIR)
+        for name, files in finished.items():
+            (directory / STAGES_DIR / name).mkdir(parents=True)
+            for file, blob in files.items():
+                (directory / STAGES_DIR / name / file).write_bytes(blob)
         (directory / STATE_FILE).write_text(state.to_json())
     return directory
 
 
-def restore_checkpoint(checkpoint: Any, engine: TrainEngine, phase: str, config_digest: str) -> TrainerState:
-    """Load adapter + optimizer state from a Ray Train checkpoint and return its trainer state."""
+def read_checkpoint(checkpoint: Any, config_digest: str, stage_names: list[str]) -> tuple[TrainerState, dict[str, AdapterFiles]]:
+    """The trainer state and finished stages' adapters of a checkpoint, checked against this fit."""
     with checkpoint.as_directory() as raw:
         directory = Path(raw)
         state = TrainerState.from_json((directory / STATE_FILE).read_text())
-        if state.phase != phase or state.config_digest != config_digest:
+        if state.name not in stage_names or state.config_digest != config_digest:
             raise RuntimeError(
-                f"checkpoint {checkpoint.path} belongs to phase {state.phase!r} with config digest {state.config_digest}, "
-                f"not phase {phase!r} / {config_digest}; Ray Train resumes runs by (storage_path, name), "
+                f"checkpoint {checkpoint.path} belongs to stage {state.name!r} with config digest {state.config_digest}, "
+                f"not one of {stage_names} / {config_digest}; Ray Train resumes runs by (storage_path, name), "
                 "so use a new run name or delete the old run directory")
-        engine.load_state(directory / ENGINE_DIR, directory / ADAPTER_DIR)
-    state.restored_from = state.step
-    return state
+        finished = {name: read_adapter_files(directory / STAGES_DIR / name) for name in state.finished}
+    return state, finished
 
 
-def export_adapter(checkpoint: Any, out_dir: Path) -> Path:
-    """Copy the checkpoint's adapter to `out_dir` (replaced atomically: a crash never leaves half a dir)."""
+def load_engine_state(checkpoint: Any, engine: TrainEngine) -> None:
+    """LoRA weights and optimizer state of the checkpoint's current stage."""
+    with checkpoint.as_directory() as raw:
+        engine.load_state(Path(raw) / ENGINE_DIR, Path(raw) / ADAPTER_DIR)
+
+
+def export_adapter(checkpoint: Any, out_dir: Path, stage: str) -> Path:
+    """Copy a finished stage's adapter to `out_dir` (replaced atomically: a crash never leaves half a dir)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     with checkpoint.as_directory() as raw:
-        shutil.copytree(Path(raw) / ADAPTER_DIR, partial)
+        source = Path(raw) / STAGES_DIR / stage
+        if not source.is_dir():
+            raise RuntimeError(f"checkpoint {checkpoint.path} holds no finished stage {stage!r}")
+        shutil.copytree(source, partial)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     partial.rename(out_dir)
@@ -95,3 +122,10 @@ def export_adapter(checkpoint: Any, out_dir: Path) -> Path:
 def read_state(checkpoint: Any) -> TrainerState:
     with checkpoint.as_directory() as raw:
         return TrainerState.from_json((Path(raw) / STATE_FILE).read_text())
+
+
+def stage_history(state: TrainerState, stage: str) -> list[dict[str, float]]:
+    """Per-step metrics of a stage, finished or current."""
+    if stage in state.finished:
+        return state.finished[stage]["history"]
+    return state.history if state.name == stage else []

@@ -15,27 +15,34 @@ The loop drives every backend the same way:
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..config import LoraConfig
+from ..config import LoraConfig, RunConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def build_policy(base_model: Path, lora: LoraConfig, init_adapter: Path | None, dtype: str, seed: int) -> Any:
+def build_policy(base_model: Path, lora: LoraConfig, init_adapter: Path | None, dtype: str, seed: int,
+                 attn_implementation: str = "sdpa", gradient_checkpointing: bool = False) -> Any:
     """Base causal LM with a trainable LoRA: fresh from `lora` (seeded, identical on every rank) or
-    continued from `init_adapter` (is_trainable)."""
+    continued from `init_adapter` (is_trainable). Under an active HfDeepSpeedConfig with ZeRO-3 the
+    base weights are partitioned as they load, so a model larger than one device fits."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    if attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ImportError("model.attn_implementation=flash_attention_2 needs the flash-attn package on every train worker")
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=_DTYPES[dtype])
+    model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=_DTYPES[dtype], attn_implementation=attn_implementation)
     model.config.use_cache = False
+    if gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) without enable_input_require_grads
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if init_adapter is not None:
         if not (Path(init_adapter) / "adapter_config.json").exists():
             raise FileNotFoundError(f"init adapter {init_adapter} has no adapter_config.json")
@@ -45,18 +52,28 @@ def build_policy(base_model: Path, lora: LoraConfig, init_adapter: Path | None, 
     return get_peft_model(model, config)
 
 
+def set_lora_dropout(model: torch.nn.Module, p: float) -> None:
+    """Replace every LoRA dropout (PEFT builds nn.Identity for p=0, so setting `.p` is not enough)."""
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, torch.nn.ModuleDict):
+            for key in list(dropouts.keys()):
+                dropouts[key] = torch.nn.Dropout(p) if p > 0 else torch.nn.Identity()
+
+
 def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
 def deepspeed_config(stage: int, micro_batch: int, grad_accum: int, world_size: int, dtype: str,
-                     max_grad_norm: float) -> dict[str, Any]:
+                     max_grad_norm: float, on_gpu: bool = False) -> dict[str, Any]:
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
         "train_batch_size": micro_batch * grad_accum * world_size,
         "gradient_clipping": max_grad_norm,
-        "zero_optimization": {"stage": stage, "overlap_comm": False},
+        # overlap_comm runs gradient reduction on a side CUDA stream; CPU (gloo) has no streams
+        "zero_optimization": {"stage": stage, "overlap_comm": on_gpu},
         "bf16": {"enabled": dtype == "bfloat16"},
         "fp16": {"enabled": dtype == "float16", "initial_scale_power": 16},
         "zero_allow_untested_optimizer": True,  # the client torch AdamW
@@ -70,6 +87,8 @@ class TrainEngine:
 
     name: str
     peft_model: Any  # the PeftModel (for save_pretrained); under DeepSpeed its params may be partitioned
+    optimizer: Any
+    keep_alive: Any = None  # objects that must live as long as the engine (ZeRO-3's HfDeepSpeedConfig)
 
     def __call__(self, **inputs: Any) -> Any:
         raise NotImplementedError
@@ -84,7 +103,13 @@ class TrainEngine:
         raise NotImplementedError
 
     def set_lr(self, lr: float) -> None:
-        raise NotImplementedError
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def reset_optimizer(self) -> None:
+        """Fresh Adam moments for the next stage of a fit (SFT -> DPO): what a new optimizer would hold."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # DeepSpeed wraps the torch AdamW
+        inner.state.clear()
 
     def train(self, mode: bool = True) -> None:
         self.peft_model.train(mode)
@@ -99,10 +124,14 @@ class TrainEngine:
     def load_state(self, directory: Path, adapter_dir: Path) -> None:
         raise NotImplementedError
 
+    def load_adapter_weights(self, adapter_dir: Path) -> None:
+        """Set the LoRA weights from a PEFT adapter dir (module only, not optimizer state). Collective
+        under ZeRO-3, where each rank keeps a slice of every LoRA tensor."""
+        _load_adapter_into(self.peft_model, adapter_dir)
+
 
 class DeepSpeedTrainEngine(TrainEngine):
-    def __init__(self, model: Any, stage: int, lr: float, micro_batch: int, grad_accum: int, world_size: int,
-                 dtype: str, max_grad_norm: float, device: torch.device):
+    def __init__(self, model: Any, stage: int, lr: float, config: dict[str, Any], device: torch.device):
         import deepspeed
 
         self.name = f"zero{stage}"
@@ -110,7 +139,6 @@ class DeepSpeedTrainEngine(TrainEngine):
         self.stage = stage
         params = [p for _, p in trainable_parameters(model)]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        config = deepspeed_config(stage, micro_batch, grad_accum, world_size, dtype, max_grad_norm)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model.to(device), optimizer=optimizer,
                                                                  config=config, dist_init_required=False)
         self._grad_norm = 0.0
@@ -135,10 +163,6 @@ class DeepSpeedTrainEngine(TrainEngine):
 
     def step(self) -> float:
         return self._grad_norm
-
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         from deepspeed.utils import safe_get_full_fp32_param
@@ -193,10 +217,6 @@ class TorchTrainEngine(TrainEngine):
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().float().cpu().clone() for n, p in trainable_parameters(self.peft_model)}
 
@@ -206,26 +226,56 @@ class TorchTrainEngine(TrainEngine):
             torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
 
     def load_state(self, directory: Path, adapter_dir: Path) -> None:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
-        result = set_peft_model_state_dict(self.peft_model, weights)
-        missing = [k for k in result.missing_keys if "lora_" in k]
-        if missing:
-            raise RuntimeError(f"checkpoint adapter {adapter_dir} lacks {len(missing)} LoRA tensors, e.g. {missing[0]}")
+        _load_adapter_into(self.peft_model, adapter_dir)
         self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True))
 
 
-def make_engine(model: Any, zero_stage: int, lr: float, micro_batch: int, grad_accum: int, dtype: str,
-                max_grad_norm: float, device: torch.device) -> TrainEngine:
-    """DeepSpeed when asked for and a process group exists; plain torch otherwise."""
+def _load_adapter_into(model: Any, adapter_dir: Path) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    params = [p for _, p in trainable_parameters(model)]
+    gather = contextlib.nullcontext()
+    if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3 partitioned: gather, rank 0 writes, re-scatter
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    with gather:
+        result = set_peft_model_state_dict(model, weights)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing:
+        raise RuntimeError(f"adapter {adapter_dir} lacks {len(missing)} LoRA tensors, e.g. {missing[0]}")
+
+
+def build_engine(base_model: Path, cfg: RunConfig, init_adapter: Path | None, lr: float, micro_batch: int,
+                 grad_accum: int, device: torch.device) -> TrainEngine:
+    """The policy (base + LoRA) inside its engine: DeepSpeed when asked for and a process group
+    exists, plain torch otherwise. ZeRO-3 loads the base under `deepspeed.zero.Init` (through
+    HfDeepSpeedConfig), so no rank ever holds the whole model."""
     import torch.distributed as dist
 
     distributed = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size() if distributed else 1
-    if zero_stage > 0 and distributed:
-        return DeepSpeedTrainEngine(model, zero_stage, lr, micro_batch, grad_accum, world, dtype, max_grad_norm, device)
-    if dtype == "float16":
+    stage, dtype = cfg.train.zero_stage, cfg.model.dtype
+    ds_config, hf_ds = None, None
+    if stage > 0 and distributed:
+        import deepspeed
+
+        # Wrap Ray Train's process group now: zero.Init reads the world size before it would.
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+        ds_config = deepspeed_config(stage, micro_batch, grad_accum, world, dtype, cfg.train.max_grad_norm,
+                                     device.type == "cuda")
+        if stage == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            hf_ds = HfDeepSpeedConfig(ds_config)  # transformers holds only a weakref: keep it alive
+    elif dtype == "float16":
         raise ValueError("model.dtype=float16 needs DeepSpeed loss scaling: use train.zero_stage 2 or 3, or bfloat16")
-    return TorchTrainEngine(model, lr, max_grad_norm, device, distributed)
+    model = build_policy(base_model, cfg.lora, init_adapter, dtype, cfg.seed, cfg.model.attn_implementation,
+                         cfg.train.gradient_checkpointing)
+    if ds_config is not None:
+        engine: TrainEngine = DeepSpeedTrainEngine(model, stage, lr, ds_config, device)
+        engine.keep_alive = hf_ds
+        return engine
+    return TorchTrainEngine(model, lr, cfg.train.max_grad_norm, device, distributed)

@@ -1,15 +1,16 @@
-"""The Ray Train worker loop shared by SFT (incl. CFT) and DPO/S-DPO.
+"""The Ray Train worker loop: one fit runs one or more training stages (e.g. a round's SFT then DPO).
 
-Per worker: tokenise its Ray Data shard once (kept in memory: SPRec rounds are thousands of rows),
-cut it to the smallest shard size over all ranks (collectives need the same number of steps
-everywhere), build the LoRA model + engine, precompute what the objective needs (DPO reference
-log-probs), restore the last checkpoint if Ray Train restarted us, then run optimizer steps.
+Per worker: build the policy (base + LoRA) and its engine once; then per stage tokenise the stage's
+Ray Data shard (kept in memory: SPRec rounds are thousands of rows), cut it to the smallest shard over
+all ranks (collectives need the same number of steps everywhere), reset the optimizer moments, run
+the stage's `prepare` (DPO: reference log-probs from the weights the previous stage just produced),
+then optimizer steps. A restarted worker group resumes at the checkpoint's stage and step.
 
 Each optimizer step divides the loss numerators by the normaliser of the *global* step (all
 micro-batches on all ranks, one scalar all-reduce), so the update equals that of one process
 holding the whole global batch: ZeRO-2, ZeRO-3, DDP and a single process agree to float tolerance.
-Every step calls `ray.train.report` on every rank (it is a barrier); a checkpoint rides along every
-`train.checkpoint_every` steps and at the end.
+`ray.train.report` is a barrier across workers, so it runs only every `train.log_every` steps (with
+the window's means), at checkpoint steps and at each stage's end; the tracker logs every step.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,22 +28,37 @@ import torch
 
 from ..config import RunConfig
 from ..data.records import DataError
-from .batching import Encoder, encode_pair_batch, encode_sft_batch, group_steps, plan_epoch
-from .checkpointing import TrainerState, restore_checkpoint, write_checkpoint
+from .batching import (
+    Encoder,
+    encode_pair_batch,
+    encode_sft_batch,
+    group_steps,
+    plan_epoch,
+    plan_epoch_tokens,
+    split_to_count,
+)
+from .checkpointing import AdapterFiles, TrainerState, load_engine_state, read_checkpoint, write_checkpoint
 from .tracking import Tracker, progress
 
-FAULT_ENV = "SPRECRAY_FAULT_INJECT"  # test-only: "rank:step:marker_file" -> that rank exits once after `step`
+# test-only: "rank:step:marker_file" or "rank:stage:step:marker_file" -> that rank exits once after `step`
+FAULT_ENV = "SPRECRAY_FAULT_INJECT"
 
 
 @dataclass(frozen=True)
-class PhaseSpec:
+class StageSpec:
+    phase: Literal["sft", "dpo"]
+    name: str  # also the key of the stage's dataset in the fit
+
+
+@dataclass(frozen=True)
+class FitSpec:
     """Everything a worker needs, shipped through `train_loop_config` (picklable)."""
 
-    phase: Literal["sft", "dpo"]
     name: str
+    stages: tuple[StageSpec, ...]
     cfg: RunConfig
     base_model: str
-    init_adapter: str | None
+    init_adapter: str | None  # where the first stage starts (None = a fresh LoRA)
     log_dir: str
     staging_dir: str
     env: tuple[tuple[str, str], ...] = ()
@@ -58,8 +75,8 @@ class Hyper:
     max_steps: int
 
 
-def hyper(spec: PhaseSpec) -> Hyper:
-    section = spec.cfg.sft if spec.phase == "sft" else spec.cfg.dpo
+def hyper(cfg: RunConfig, phase: str) -> Hyper:
+    section = cfg.sft if phase == "sft" else cfg.dpo
     return Hyper(section.lr, section.epochs, section.batch_size, section.grad_accum, section.warmup_steps, section.max_steps)
 
 
@@ -70,13 +87,6 @@ def lr_at(step: int, total: int, warmup: int, base: float) -> float:
     return base * (total - step) / max(1, total - warmup)
 
 
-def total_steps(rows: int, h: Hyper) -> tuple[int, int]:
-    """(steps per epoch, total optimizer steps) for `rows` local rows."""
-    per_epoch = math.ceil(math.ceil(rows / h.batch_size) / h.grad_accum)
-    total = per_epoch * h.epochs
-    return per_epoch, min(total, h.max_steps) if h.max_steps > 0 else total
-
-
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
@@ -85,6 +95,16 @@ def _all_reduce(values: torch.Tensor, op: Any = None) -> torch.Tensor:
     if _distributed():
         torch.distributed.all_reduce(values, op=op or torch.distributed.ReduceOp.SUM)
     return values
+
+
+def _global_min(value: int, device: torch.device) -> int:
+    op = torch.distributed.ReduceOp.MIN if _distributed() else None
+    return int(_all_reduce(torch.tensor([value], device=device), op).item())
+
+
+def _global_max(value: int, device: torch.device) -> int:
+    op = torch.distributed.ReduceOp.MAX if _distributed() else None
+    return int(_all_reduce(torch.tensor([value], device=device), op).item())
 
 
 def _device() -> torch.device:
@@ -98,16 +118,15 @@ def _device() -> torch.device:
     return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
 
 
-def load_rows(shard: Any, spec: PhaseSpec, encoder: Encoder) -> list[Any]:
+def load_rows(shard: Any, phase: str, cfg: RunConfig, encoder: Encoder) -> list[Any]:
     """Tokenise the worker's shard; rows sorted by row_id so a restart plans the same batches."""
-    cfg = spec.cfg
     rows: list[Any] = []
     for batch in shard.iter_batches(batch_size=256, batch_format="numpy"):
-        if spec.phase == "sft":
+        if phase == "sft":
             rows += encode_sft_batch(batch, encoder, cfg.sft.cft.enabled, first_index=len(rows))
         else:
             rows += encode_pair_batch(batch, encoder, cfg.dpo.num_negatives)
-    if spec.phase == "dpo":
+    if phase == "dpo":
         seen: set[int] = set()
         for row in rows:
             if row.row_id in seen:
@@ -116,24 +135,52 @@ def load_rows(shard: Any, spec: PhaseSpec, encoder: Encoder) -> list[Any]:
     return sorted(rows, key=lambda r: r.row_id)
 
 
-def _maybe_fault(spec: PhaseSpec, rank: int, step: int) -> None:
+class StepPlan:
+    """Optimizer steps of a stage as lists of micro-batches (row indices), epoch by epoch. With a token
+    budget the ranks pack different batch counts, so every epoch is split up to the global maximum."""
+
+    def __init__(self, lengths: list[int], h: Hyper, max_tokens: int, seed: int, device: torch.device):
+        self.lengths, self.h, self.max_tokens, self.seed, self.device = lengths, h, max_tokens, seed, device
+        self._epoch, self._steps = -1, []
+        batches = len(self._micro(0)) if max_tokens else math.ceil(len(lengths) / h.batch_size)
+        self.per_epoch = math.ceil(_global_max(batches, device) / h.grad_accum) if max_tokens else math.ceil(batches / h.grad_accum)
+        total = self.per_epoch * h.epochs
+        self.total = min(total, h.max_steps) if h.max_steps > 0 else total
+
+    def _micro(self, epoch: int) -> list[list[int]]:
+        if self.max_tokens:
+            return plan_epoch_tokens(self.lengths, self.max_tokens, self.seed, epoch)
+        return plan_epoch(self.lengths, self.h.batch_size, self.seed, epoch)
+
+    def step(self, index: int) -> list[list[int]]:
+        epoch, within = divmod(index, self.per_epoch)
+        if epoch != self._epoch:  # every rank reaches this at the same step: the all-reduce is safe
+            micro = self._micro(epoch)
+            if self.max_tokens:
+                micro = split_to_count(micro, _global_max(len(micro), self.device))
+            self._epoch, self._steps = epoch, group_steps(micro, self.h.grad_accum)
+        return self._steps[within]
+
+
+def _maybe_fault(spec: FitSpec, stage: str, rank: int, step: int) -> None:
     if not spec.fault:
         return
-    want_rank, want_step, marker = spec.fault.split(":", 2)
-    if rank == int(want_rank) and step == int(want_step) and not Path(marker).exists():
+    parts = spec.fault.split(":", 3)
+    want_rank, want_stage, want_step, marker = parts if len(parts) == 4 else (parts[0], stage, parts[1], parts[2])
+    if rank == int(want_rank) and stage == want_stage and step == int(want_step) and not Path(marker).exists():
         import ray.train
 
         # Die only once the controller has registered every checkpoint reported so far; a report
         # still in flight when the process vanishes is lost, and the test could not know which step
         # the restart should resume from.
         ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
-        Path(marker).write_text(f"rank {rank} exited after step {step}\n")
+        Path(marker).write_text(f"rank {rank} exited after step {step} of {stage}\n")
         os._exit(1)
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """`train_loop_per_worker` of the phase's TorchTrainer; config = {"spec": PhaseSpec}."""
-    spec: PhaseSpec = config["spec"]
+    """`train_loop_per_worker` of the fit's TorchTrainer; config = {"spec": FitSpec}."""
+    spec: FitSpec = config["spec"]
     env = dict(spec.env)
     if spec.cfg.train.use_gpu:  # the driver may be a CPU-only head node whose defaults say "cpu"
         env.pop("DS_ACCELERATOR", None)
@@ -143,109 +190,156 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train
     from transformers import AutoTokenizer
 
-    from .engine import build_policy, make_engine
-    from .objectives import PreferenceObjective, SFTObjective
+    from .engine import build_engine, set_lora_dropout
 
-    cfg, h = spec.cfg, hyper(spec)
-    marks = [("start", time.perf_counter())]
+    cfg = spec.cfg
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = _device()
+    started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoder = Encoder(tokenizer, cfg.model.max_prompt_len, cfg.model.max_response_len)
+    h0 = hyper(cfg, spec.stages[0].phase)
+    engine = build_engine(Path(spec.base_model), cfg, Path(spec.init_adapter) if spec.init_adapter else None,
+                          h0.lr, h0.batch_size, h0.grad_accum, device)
+    setup_s = time.perf_counter() - started
 
-    rows = load_rows(ray.train.get_dataset_shard("train"), spec, encoder)
-    common = int(_all_reduce(torch.tensor([len(rows)], device=device), torch.distributed.ReduceOp.MIN
-                             if _distributed() else None).item())
+    names = [s.name for s in spec.stages]
+    checkpoint = ray.train.get_checkpoint()
+    restored, finished = read_checkpoint(checkpoint, cfg.digest(), names) if checkpoint else (None, {})
+    first = 0
+    if restored is not None:
+        first = names.index(restored.name) + int(restored.done)
+        if restored.done:  # the weights a finished stage ended with; its optimizer moments are reset below
+            load_engine_state(checkpoint, engine)
+        elif first > 0:  # mid-stage: the reference pass needs the previous stage's output, not these weights
+            _load_finished(engine, finished[names[first - 1]])
+        if rank == 0:
+            progress(f"[{spec.name}] resuming at {restored.name} step {restored.step}"
+                     f"{' (done)' if restored.done else ''} from {checkpoint.path}")
+    summaries = dict(restored.finished) if restored else {}
+    staging = Path(spec.staging_dir) / f"rank{rank}"  # per rank: ranks share a node's /tmp
+    last: tuple[TrainerState, dict[str, float]] | None = None
+    for index in range(first, len(spec.stages)):
+        stage = spec.stages[index]
+        resume = restored if restored is not None and not restored.done and restored.name == stage.name else None
+        last = _run_stage(spec, stage, index, engine, encoder, pad_id, rank, world, device, resume, checkpoint,
+                          summaries, finished, staging, setup_s if index == first else 0.0, set_lora_dropout)
+    if last is None and restored is not None:  # every stage had finished: report the last checkpoint again
+        _report(engine, restored, dict(restored.history[-1]) if restored.history else {}, rank, staging, True, finished)
+    if _distributed():
+        shutil.rmtree(staging, ignore_errors=True)  # every staged checkpoint is in run storage by now
+
+
+def _load_finished(engine: Any, files: AdapterFiles) -> None:
+    with tempfile.TemporaryDirectory(prefix="sprec_stage_") as tmp:
+        for name, blob in files.items():
+            (Path(tmp) / name).write_bytes(blob)
+        engine.load_adapter_weights(Path(tmp))
+
+
+def _run_stage(spec: FitSpec, stage: StageSpec, index: int, engine: Any, encoder: Encoder, pad_id: int, rank: int,
+               world: int, device: torch.device, resume: TrainerState | None, checkpoint: Any,
+               summaries: dict[str, dict[str, Any]], finished: dict[str, AdapterFiles], staging: Path,
+               setup_s: float, set_lora_dropout: Any) -> tuple[TrainerState, dict[str, float]]:
+    import ray.train
+
+    from .objectives import PreferenceObjective, SFTObjective
+
+    cfg, h = spec.cfg, hyper(spec.cfg, stage.phase)
+    marks = {"setup_s": setup_s} if setup_s else {}  # model + engine: paid by the fit's first stage only
+    t = time.perf_counter()
+    rows = load_rows(ray.train.get_dataset_shard(stage.name), stage.phase, cfg, encoder)
+    common = _global_min(len(rows), device)
     if common == 0:
-        raise DataError(f"{spec.name}: worker {rank} got an empty data shard; the dataset needs at least "
+        raise DataError(f"{stage.name}: worker {rank} got an empty data shard; the dataset needs at least "
                         f"train.num_workers={world} rows")
     if common < len(rows) and rank == 0:
-        progress(f"[{spec.name}] using {common} rows per worker (shards differ by up to {len(rows) - common})")
+        progress(f"[{stage.name}] using {common} rows per worker (shards differ by up to {len(rows) - common})")
     rows = rows[:common]
-    per_epoch, total = total_steps(common, h)
-    marks.append(("data", time.perf_counter()))
+    marks["data_s"] = time.perf_counter() - t
 
-    model = build_policy(Path(spec.base_model), cfg.lora, Path(spec.init_adapter) if spec.init_adapter else None,
-                         cfg.model.dtype, cfg.seed)
-    engine = make_engine(model, cfg.train.zero_stage, h.lr, h.batch_size, h.grad_accum, cfg.model.dtype,
-                         cfg.train.max_grad_norm, device)
-    marks.append(("model+engine", time.perf_counter()))
-    torch.manual_seed(cfg.seed + 1000 * rank)  # LoRA dropout differs per rank; the init above did not
-    objective_cls = SFTObjective if spec.phase == "sft" else PreferenceObjective
-    objective = objective_cls(cfg, rows, pad_id, device)
-    objective.prepare(engine)  # DPO reference pass: always from the starting adapter, before any restore
-    marks.append(("reference" if spec.phase == "dpo" else "prepare", time.perf_counter()))
+    # Per stage, so a stage resumed in a new worker group draws the same dropout masks.
+    torch.manual_seed(cfg.seed + 1000 * rank + index)
+    set_lora_dropout(engine.peft_model, cfg.lora.dropout if stage.phase == "sft" else cfg.dpo.lora_dropout)
+    engine.reset_optimizer()
+    objective = (SFTObjective if stage.phase == "sft" else PreferenceObjective)(cfg, rows, pad_id, device)
+    t = time.perf_counter()
+    objective.prepare(engine)  # DPO reference pass: from the stage's starting weights, before any restore
+    marks["reference_s" if stage.phase == "dpo" else "prepare_s"] = time.perf_counter() - t
+    plan = StepPlan(objective.lengths(), h, cfg.train.max_tokens_per_batch, cfg.seed, device)
+    if plan.total == 0:
+        raise DataError(f"{stage.name}: no optimizer steps planned ({stage.phase}.epochs={h.epochs})")
 
-    digest = cfg.digest()
-    state = TrainerState(spec.phase, spec.name, digest)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        state = restore_checkpoint(checkpoint, engine, spec.phase, digest)
-        if rank == 0:
-            progress(f"[{spec.name}] resumed from step {state.step} ({checkpoint.path})")
-    state.history = state.history[:state.step]
+    state = TrainerState(stage.phase, stage.name, cfg.digest(), finished=summaries)
+    if resume is not None:
+        load_engine_state(checkpoint, engine)
+        state.step = state.restored_from = resume.step
+        state.history = resume.history[:resume.step]
     if rank == 0:
-        setup = ", ".join(f"{name} {t - marks[i][1]:.1f}s" for i, (name, t) in enumerate(marks[1:]))
-        progress(f"[{spec.name}] {engine.name}, {world} workers x {common} rows, {total} steps "
-                 f"({per_epoch}/epoch); setup: {setup}")
+        setup = ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in marks.items() if v)
+        progress(f"[{stage.name}] {engine.name}, {world} workers x {common} rows, {plan.total} steps "
+                 f"({plan.per_epoch}/epoch); setup: {setup}")
 
-    tracker = Tracker(rank, cfg.train.logger, Path(spec.log_dir), spec.name, cfg.to_dict())
-    lengths = objective.lengths()
-    names = objective.stat_names
-    # per rank: ranks share a node's /tmp, and one rank's clean-up must not race another's upload
-    staging = Path(spec.staging_dir) / f"rank{rank}"
-    plans: dict[int, list[list[list[int]]]] = {}
-    ran = 0
+    tracker = Tracker(rank, cfg.train.logger, Path(spec.log_dir) / stage.name, stage.name, cfg.to_dict())
+    stat_names = objective.stat_names
+    window: list[dict[str, float]] = []
+    loop_start = time.perf_counter()
+    previous_end = loop_start
     engine.train(True)
-    while state.step < total:
-        epoch, within = divmod(state.step, per_epoch)
-        if epoch not in plans:
-            plans = {epoch: group_steps(plan_epoch(lengths, h.batch_size, cfg.seed, epoch), h.grad_accum)}
-        micro = plans[epoch][within]
-        lr = lr_at(state.step, total, h.warmup_steps, h.lr)
+    while state.step < plan.total:
+        micro = plan.step(state.step)
+        lr = lr_at(state.step, plan.total, h.warmup_steps, h.lr)
         engine.set_lr(lr)
         start = time.perf_counter()
         norm = float(_all_reduce(torch.tensor([sum(objective.normaliser(mb) for mb in micro)],
                                               dtype=torch.float64, device=device)).item())
-        sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)
+        sums = torch.zeros(len(stat_names) + 1, dtype=torch.float64, device=device)
         for j, mb in enumerate(micro):
             with engine.micro_batch(j == len(micro) - 1):
                 loss, stats, tokens = objective.loss(engine, mb)
                 engine.backward(loss * (world / norm))
             # stay on the device: one host sync per step (the all-reduce below), not per micro-batch
-            sums[:-1] += torch.stack([stats[k].to(torch.float64) for k in names])
+            sums[:-1] += torch.stack([stats[k].to(torch.float64) for k in stat_names])
             sums[-1] += tokens
         grad_norm = engine.step()
         sums = _all_reduce(sums).tolist()
-        elapsed = time.perf_counter() - start
+        end = time.perf_counter()
         state.step += 1
-        ran += 1
-        metrics = {k: sums[i] / norm for i, k in enumerate(names)}
-        metrics.update(step=float(state.step), epoch=float(epoch), lr=lr, grad_norm=grad_norm,
-                       tokens=sums[-1], tokens_per_s=sums[-1] / elapsed, step_time_s=elapsed)
-        if ran == 1 and spec.phase == "dpo":  # this attempt's reference pass: compute, not orchestration
-            metrics["reference_s"] = marks[-1][1] - marks[-2][1]
+        metrics = {k: sums[i] / norm for i, k in enumerate(stat_names)}
+        metrics.update(step=float(state.step), epoch=float(state.step - 1) // plan.per_epoch, lr=lr, grad_norm=grad_norm,
+                       tokens=sums[-1], tokens_per_s=sums[-1] / (end - start), step_time_s=end - start,
+                       wall_s=end - previous_end)  # wall_s: since the previous step ended (reports, logging, I/O)
+        previous_end = end
         state.history.append(metrics)
-        tracker.log(state.step, total, metrics)
-        due = state.step % max(1, cfg.train.checkpoint_every) == 0 or state.step == total
-        _report(engine, state, metrics, rank, staging, due)
-        _maybe_fault(spec, rank, state.step)
-    if ran == 0:  # restored a finished run: report its state again so the result has a checkpoint
-        _report(engine, state, dict(state.history[-1]) if state.history else {}, rank, staging, True)
+        window.append(metrics)
+        tracker.log(state.step, plan.total, metrics)
+        last_step = state.step == plan.total
+        checkpoint_due = last_step or state.step % cfg.train.checkpoint_every == 0
+        if last_step:
+            marks["loop_s"] = time.perf_counter() - loop_start
+            state.done, state.timing = True, marks
+            summaries[stage.name] = {"phase": stage.phase, "history": state.history, "timing": marks,
+                                     "restored_from": state.restored_from}
+        if checkpoint_due or state.step % cfg.train.log_every == 0:
+            means = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
+            _report(engine, state, {**means, "step": float(state.step), "stage_index": float(index)}, rank, staging,
+                    checkpoint_due, finished)
+            window = []
+        _maybe_fault(spec, stage.name, rank, state.step)
     tracker.close()
-    if _distributed():
-        shutil.rmtree(staging, ignore_errors=True)  # every staged checkpoint is in run storage by now
+    return state, marks
 
 
-def _report(engine: Any, state: TrainerState, metrics: dict[str, float], rank: int, staging: Path, with_checkpoint: bool) -> None:
+def _report(engine: Any, state: TrainerState, metrics: dict[str, float], rank: int, staging: Path,
+            with_checkpoint: bool, finished: dict[str, AdapterFiles]) -> None:
     import ray.train
 
     if not with_checkpoint:
         ray.train.report(metrics)
         return
-    directory = write_checkpoint(engine, state, rank, staging)
+    directory = write_checkpoint(engine, state, rank, staging, finished)
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
     if _distributed():  # uploaded to run storage; in local mode the staged dir *is* the checkpoint
         shutil.rmtree(directory, ignore_errors=True)

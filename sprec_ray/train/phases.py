@@ -1,13 +1,16 @@
-"""Driver-side API: run one SFT or DPO phase as a Ray Train `TorchTrainer` and return its adapter.
+"""Driver-side API: run training stages as one Ray Train `TorchTrainer` fit and return their adapters.
 
-    run_sft(cfg, base_model, train_ds, out_dir, init_adapter, name) -> PhaseResult
-    run_dpo(cfg, base_model, pairs_ds, out_dir, sft_adapter, name) -> PhaseResult
+    run_fit(cfg, base_model, [Stage(...), ...], init_adapter, name) -> {stage name: PhaseResult}
+    run_sft(cfg, base_model, train_ds, out_dir, init_adapter, name) -> PhaseResult   (a one-stage fit)
+    run_dpo(cfg, base_model, pairs_ds, out_dir, sft_adapter, name) -> PhaseResult   (a one-stage fit)
 
-Run storage is `cfg.train.storage_path` or `<cfg.output_dir>/ray_results`, run name `name`. Ray Train
-V2 resumes a run with the same (storage_path, name), so a driver restarted after a crash continues the
-phase from its last checkpoint; a checkpoint written under a different config is refused (use a new
-name). `train.num_workers = 0` runs Ray Train's local mode (in this process, no process group, plain
-torch): the single-process reference used by the tests.
+A round's SFT and DPO run as two stages of one fit: one worker group, one model load, and the DPO
+reference pass computed in between from the SFT weights just trained. Run storage is
+`cfg.train.storage_path` or `<cfg.output_dir>/ray_results`, run name `name`. Ray Train V2 resumes a
+run with the same (storage_path, name), so a driver restarted after a crash continues the fit from its
+last checkpoint (at stage granularity); a checkpoint written under a different config is refused.
+`train.num_workers = 0` runs Ray Train's local mode (in this process, no process group, plain torch):
+the single-process reference used by the tests.
 """
 
 from __future__ import annotations
@@ -15,14 +18,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..config import ConfigError, RunConfig
 from ..data.records import DataError
-from .checkpointing import export_adapter, read_state
-from .loop import FAULT_ENV, PhaseSpec, train_loop
+from .checkpointing import export_adapter, read_state, stage_history
+from .loop import FAULT_ENV, FitSpec, StageSpec, train_loop
 from .tracking import check_logger_available
 
 if TYPE_CHECKING:
@@ -40,9 +45,20 @@ class PhaseResult:
     checkpoint_path: str  # the Ray Train checkpoint it came from
 
 
-def summarize(history: list[dict[str, float]], restored_from: int = 0) -> dict[str, float]:
-    """Phase metrics from the per-step history: means over all steps, plus first/final loss.
-    tokens_per_s leaves out the first step (warm-up: allocator, kernels) when there are more."""
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a fit: what it trains on and where its adapter goes."""
+
+    phase: Literal["sft", "dpo"]
+    name: str
+    dataset: Any  # ray.data.Dataset
+    out_dir: Path
+
+
+def summarize(history: list[dict[str, float]], timing: dict[str, float], restored_from: int = 0) -> dict[str, float]:
+    """Stage metrics from the per-step history: means over all steps, first/final loss, and timing.
+    Throughputs leave out the first step (warm-up: allocator, kernels) when there are more:
+    tokens_per_s over step compute time, wall_tokens_per_s over the loop's wall time."""
     if not history:
         return {"steps": 0.0}
     out: dict[str, float] = {}
@@ -51,16 +67,18 @@ def summarize(history: list[dict[str, float]], restored_from: int = 0) -> dict[s
         if values:
             out[key] = sum(values) / len(values)
     timed = history[1:] if len(history) > 1 else history
-    out["tokens_per_s"] = sum(h["tokens"] for h in timed) / sum(h["step_time_s"] for h in timed)
+    tokens = sum(h["tokens"] for h in timed)
+    out["tokens_per_s"] = tokens / sum(h["step_time_s"] for h in timed)
+    if all("wall_s" in h for h in timed):
+        out["wall_tokens_per_s"] = tokens / sum(h["wall_s"] for h in timed)
     out["first_loss"] = history[0]["loss"]
     out["final_loss"] = history[-1]["loss"]
     if "accuracy" in history[-1]:
         out["final_accuracy"] = history[-1]["accuracy"]
         out["final_reward_margin"] = history[-1]["reward_margin"]
     out["steps"] = float(len(history))
-    out["compute_s"] = sum(h["step_time_s"] for h in history)  # phase wall time minus this = orchestration
-    if any("reference_s" in h for h in history):
-        out["reference_s"] = sum(h.get("reference_s", 0.0) for h in history)  # DPO's no-grad reference pass
+    out["compute_s"] = sum(h["step_time_s"] for h in history)  # stage wall time minus this = orchestration
+    out.update({k: float(v) for k, v in timing.items()})  # setup_s, data_s, reference_s / prepare_s, loop_s
     out["restored_from_step"] = float(restored_from)
     return out
 
@@ -91,55 +109,79 @@ def _check(cfg: RunConfig, ds: Any, required: tuple[str, ...], phase: str) -> li
     return columns
 
 
-def _run(phase: str, cfg: RunConfig, base_model: Path, ds: ray.data.Dataset, out_dir: Path,
-         init_adapter: Path | None, name: str, columns: tuple[str, ...] | None) -> PhaseResult:
+def run_fit(cfg: RunConfig, base_model: Path, stages: Sequence[Stage], init_adapter: Path | None,
+            name: str) -> dict[str, PhaseResult]:
+    """Train `stages` in order in one worker group; the first starts from `init_adapter` (None = a
+    fresh LoRA from cfg.lora), each later one from the weights its predecessor ended with."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from ..runtime import worker_env
 
-    spec = PhaseSpec(
-        phase=phase, name=name, cfg=cfg, base_model=str(Path(base_model).resolve()),
+    if len({s.name for s in stages}) != len(stages) or not stages:
+        raise ValueError(f"a fit needs distinct stage names, got {[s.name for s in stages]}")
+    datasets = {s.name: _checked(cfg, s) for s in stages}
+    spec = FitSpec(
+        name=name, stages=tuple(StageSpec(s.phase, s.name) for s in stages), cfg=cfg,
+        base_model=str(Path(base_model).resolve()),
         init_adapter=str(Path(init_adapter).resolve()) if init_adapter else None,
-        log_dir=str((Path(cfg.output_dir) / "tensorboard" / name).resolve()),
+        log_dir=str((Path(cfg.output_dir) / "tensorboard").resolve()),
         staging_dir=str(Path(tempfile.gettempdir()) / "sprec_ray_ckpt" / f"{name}-{os.getpid()}"),
         env=tuple(sorted(worker_env().items())), fault=os.environ.get(FAULT_ENV, ""))
     local = cfg.train.num_workers == 0
+    resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": cfg.train.gpus_per_worker} if cfg.train.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker=train_loop,
         train_loop_config={"spec": spec},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                               resources_per_worker=None if local else {"CPU": cfg.train.cpus_per_worker}),
+                                               resources_per_worker=None if local else resources),
         run_config=ray.train.RunConfig(name=name, storage_path=storage_path(cfg),
                                        failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
-        datasets={"train": ds.select_columns(list(columns)) if columns else ds},
+        datasets=datasets,
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
     )
+    started = time.perf_counter()
     result = trainer.fit()
+    fit_s = time.perf_counter() - started
     if result.checkpoint is None:
-        raise RuntimeError(f"{phase} phase {name!r} finished without a checkpoint")
+        raise RuntimeError(f"fit {name!r} finished without a checkpoint")
     state = read_state(result.checkpoint)
-    adapter = export_adapter(result.checkpoint, Path(out_dir))
-    return PhaseResult(adapter, summarize(state.history, state.restored_from), result.checkpoint.path)
+    out = {}
+    for s in stages:
+        done = state.finished.get(s.name)
+        if done is None:
+            raise RuntimeError(f"fit {name!r} ended without finishing stage {s.name!r}")
+        metrics = summarize(stage_history(state, s.name), done["timing"], done["restored_from"])
+        metrics["fit_s"] = fit_s
+        out[s.name] = PhaseResult(export_adapter(result.checkpoint, s.out_dir, s.name), metrics, result.checkpoint.path)
+    return out
+
+
+def _checked(cfg: RunConfig, stage: Stage) -> Any:
+    """The stage's dataset reduced to the columns its phase reads (checked on the driver when known)."""
+    if stage.phase == "sft":
+        required = SFT_COLUMNS + (("cf_prompt",) if cfg.sft.cft.enabled else ())
+        known = _check(cfg, stage.dataset, required, "SFT")
+        columns = None if known is None else required + (("row_id",) if "row_id" in known else ())
+    else:
+        known = _check(cfg, stage.dataset, DPO_COLUMNS, "DPO")
+        columns = DPO_COLUMNS if known else None
+    return stage.dataset.select_columns(list(columns)) if columns else stage.dataset
 
 
 def run_sft(cfg: RunConfig, base_model: Path, train_ds: ray.data.Dataset, out_dir: Path,
             init_adapter: Path | None, name: str) -> PhaseResult:
     """SFT (or CFT when cfg.sft.cft.enabled) on columns prompt, response (+ cf_prompt, optional row_id).
     `init_adapter=None` starts a fresh LoRA from cfg.lora; otherwise that adapter keeps training."""
-    required = SFT_COLUMNS + (("cf_prompt",) if cfg.sft.cft.enabled else ())
-    known = _check(cfg, train_ds, required, "SFT")
-    columns = None if known is None else required + (("row_id",) if "row_id" in known else ())
-    return _run("sft", cfg, base_model, train_ds, out_dir, init_adapter, name, columns)
+    return run_fit(cfg, base_model, [Stage("sft", name, train_ds, Path(out_dir))], init_adapter, name)[name]
 
 
 def run_dpo(cfg: RunConfig, base_model: Path, pairs_ds: ray.data.Dataset, out_dir: Path,
             sft_adapter: Path, name: str) -> PhaseResult:
     """DPO / S-DPO (cfg.dpo.loss) on columns row_id, prompt, response (chosen), rejected (K strings).
     The policy starts from `sft_adapter`, which is also the reference model."""
-    known = _check(cfg, pairs_ds, DPO_COLUMNS, "DPO")
-    return _run("dpo", cfg, base_model, pairs_ds, out_dir, sft_adapter, name, DPO_COLUMNS if known else None)
+    return run_fit(cfg, base_model, [Stage("dpo", name, pairs_ds, Path(out_dir))], sft_adapter, name)[name]
 
 
 def with_train(cfg: RunConfig, **changes: Any) -> RunConfig:

@@ -33,16 +33,18 @@ def check_logger_available(logger: str) -> None:
         raise ImportError(f"train.logger={logger} needs the {module!r} package; install it or set train.logger=none")
 
 
-def format_line(name: str, step: int, total: int, metrics: dict[str, float]) -> str:
+def format_line(name: str, step: int, total: int, metrics: dict[str, float], eta_s: float | None = None) -> str:
     keys = [k for k in ("loss", "factual_loss", "reward_margin", "accuracy", "lr", "grad_norm", "tokens_per_s") if k in metrics]
     body = " ".join(f"{k}={metrics[k]:.4g}" for k in keys)
-    return f"[{name}] step {step}/{total} epoch {int(metrics.get('epoch', 0))} {body}"
+    eta = f" eta {eta_s:.0f}s" if eta_s is not None else ""
+    return f"[{name}] step {step}/{total} epoch {int(metrics.get('epoch', 0))} {body}{eta}"
 
 
 class Tracker:
     def __init__(self, rank: int, logger: str, log_dir: Path, name: str, config: dict[str, Any]):
         self.active = rank == 0
         self.name = name
+        self._started: tuple[float, int] | None = None  # (time, step) of the first step logged by this attempt
         self._sink: Any = None
         self._kind = logger
         if not self.active or logger == "none":
@@ -64,7 +66,11 @@ class Tracker:
     def log(self, step: int, total: int, metrics: dict[str, float]) -> None:
         if not self.active:
             return
-        progress(format_line(self.name, step, total, metrics))
+        now = time.perf_counter()
+        if self._started is None:
+            self._started = (now - metrics.get("wall_s", 0.0), step - 1)
+        t0, s0 = self._started
+        progress(format_line(self.name, step, total, metrics, (now - t0) / (step - s0) * (total - step)))
         if self._sink is None:
             return
         if self._kind == "tensorboard":
