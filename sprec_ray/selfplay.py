@@ -1,7 +1,8 @@
 """The SPRec self-play driver.
 
 warm-start SFT, then per round r:
-  generate negatives with round r-1's model (vLLM pool) -> SFT on the real next items
+  generate negatives with round r-1's model (vLLM pool; by default the model's own title texts, see
+  generate/negatives.py) -> SFT on the real next items
   -> DPO / S-DPO against those negatives, reference = this round's SFT model -> evaluate on valid.
 Every phase is idempotent and leaves a manifest; `resume=True` skips finished phases, and an
 interrupted training phase picks up from its last Ray Train checkpoint.
@@ -9,7 +10,6 @@ interrupted training phase picks up from its last Ray Train checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import random
@@ -34,6 +34,8 @@ from .report import metrics_table, write_report
 from .runtime import init_ray
 
 log = logging.getLogger("sprec_ray")
+NEGATIVES_SCHEMA = pa.schema([("row_id", pa.int64()), ("negatives", pa.list_(pa.int64())),
+                              ("rejected_text", pa.list_(pa.string()))])
 MODEL_CACHE = Path.home() / ".cache" / "sprec_ray" / "models"
 
 
@@ -167,9 +169,10 @@ class SelfPlayDriver:
                 {"train_rows": float(len(self.data.train)), "valid_rows": float(len(self.data.valid)),
                  "items": float(len(self.data.catalogue)), **bad})
 
-    def _dataset(self, name: str, rows: Sequence[Example], negatives: Sequence[Sequence[int]] | None = None):
+    def _dataset(self, name: str, rows: Sequence[Example], negatives: Sequence[Sequence[int]] | None = None,
+                 rejected_texts: Sequence[Sequence[str]] | None = None):
         shards = self.run_dir / "data" / name
-        write_examples_parquet(rows, shards, self.cfg.data.num_shards, negatives)
+        write_examples_parquet(rows, shards, self.cfg.data.num_shards, negatives, rejected_texts)
         return prompt_dataset(shards, self.data.catalogue, self.cfg.data.item_noun,
                               counterfactual=self.cfg.sft.cft.enabled)
 
@@ -181,31 +184,43 @@ class SelfPlayDriver:
         return {"adapter": str(result.adapter_dir), "checkpoint": result.checkpoint_path}, result.metrics
 
     def _negatives(self, r: int, rows: Sequence[Example], adapter: str):
-        k = self.cfg.dpo.num_negatives
+        k, dpo = self.cfg.dpo.num_negatives, self.cfg.dpo
+        titles = self.data.catalogue.titles
         if self.cfg.selfplay.method == "dpo_random":
-            negatives = random_negatives(rows, len(self.data.catalogue), k, self.cfg.seed + r)
+            ids = random_negatives(rows, len(titles), k, self.cfg.seed + r)
+            texts = [[titles[i] for i in n] for n in ids]
             stats: dict[str, float] = {"random": float(len(rows) * k)}
         else:
             from .generate.negatives import build_negatives
 
             prompts = self._prompts(rows)
             completions, timing = self.generate(prompts, adapter, adapter_id=r)
-            negatives, neg_stats = build_negatives(rows, completions, self.data.catalogue, self.grounder, k, self.cfg.seed + r)
-            stats = {**{k_: float(v) for k_, v in dataclasses.asdict(neg_stats).items()}, **timing}
+            negatives, neg_stats = build_negatives(rows, completions, self.data.catalogue, self.grounder, k,
+                                                   self.cfg.seed + r, dpo.negative_source, dpo.on_equal_positive)
+            ids, texts = [list(n.ids) for n in negatives], [list(n.texts) for n in negatives]
+            stats = {**neg_stats.metrics(), **timing}
         path = self.run_dir / f"r{r}" / "negatives.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.table({"row_id": [e.row_id for e in rows], "negatives": [list(n) for n in negatives]}), path)
+        # ids (-1 = generated text that is no catalogue title) and the rejected texts; [] = row dropped
+        pq.write_table(pa.table({"row_id": [e.row_id for e in rows], "negatives": ids, "rejected_text": texts},
+                                schema=NEGATIVES_SCHEMA), path)
         return {"negatives": str(path)}, stats
 
     def _dpo(self, r: int, negatives: PhaseRecord, sft_adapter: str):
         from .train.phases import run_dpo
 
         table = pq.read_table(negatives.outputs["negatives"]).to_pydict()
-        by_row = dict(zip(table["row_id"], table["negatives"], strict=True))
-        rows = [e for e in self._round_rows(r) if by_row.get(e.row_id)]
-        dataset = self._dataset(f"r{r}_dpo", rows, [by_row[e.row_id] for e in rows])
+        by_row = {row: (ids, texts) for row, ids, texts in
+                  zip(table["row_id"], table["negatives"], table["rejected_text"], strict=True) if texts}
+        rows = [e for e in self._round_rows(r) if e.row_id in by_row]
+        if not rows:
+            # every prediction was empty or equal to the target: nothing to push down this round
+            log.warning("r%d: no self-play pairs left (see r%d_negatives); the DPO step keeps the SFT adapter", r, r)
+            return {"adapter": sft_adapter, "checkpoint": ""}, {"pairs": 0.0}
+        dataset = self._dataset(f"r{r}_dpo", rows, [by_row[e.row_id][0] for e in rows],
+                                [by_row[e.row_id][1] for e in rows])
         result = run_dpo(self.cfg, self.base_model, dataset, self.run_dir / f"r{r}" / "dpo", Path(sft_adapter), name=f"r{r}_dpo")
-        return {"adapter": str(result.adapter_dir), "checkpoint": result.checkpoint_path}, result.metrics
+        return {"adapter": str(result.adapter_dir), "checkpoint": result.checkpoint_path}, {**result.metrics, "pairs": float(len(rows))}
 
     def _prompts(self, rows: Sequence[Example]) -> list[str]:
         titles = self.data.catalogue.titles
