@@ -53,7 +53,8 @@ def test_run_writes_every_phase_report_and_final_model(finished_run):
     assert (out / "report.md").read_text().count("| r1 |") == 3  # one table per K
     assert (out / "rounds_at5.png").stat().st_size > 10_000
     negatives = json.loads((out / "manifests" / "r1_negatives.json").read_text())["metrics"]
-    assert negatives, "negative-building stats are recorded"
+    assert negatives["rows_kept"] + negatives["rows_dropped"] == negatives["rows"] == 24
+    assert negatives["negatives"] == negatives["rows_kept"]  # K = 1: one rejected response per kept row
 
 
 @pytest.mark.slow
