@@ -1,34 +1,78 @@
-"""Does self-play debias? SFT vs SFT+DPO(random) vs SPRec rounds vs SPRec+S-DPO on real data.
+"""Does self-play debias? SFT vs SFT+DPO(random negatives) vs SPRec with generated / grounded negatives.
 
-All variants share one warm-start SFT adapter (selfplay.init_adapter), so the comparison isolates
-the preference step. Writes a Markdown table, JSON and a plot to --out.
+One warm-start SFT adapter (trained once, with the first seed) is shared by every variant and seed
+(selfplay.init_adapter), so the comparison isolates the preference step; the seeds vary the rows
+sampled per round, the random negatives, sampling and the training order. Variants:
+  sft               the warm start alone
+  dpo_random        SFT + DPO with uniform random negatives (--random-rounds rounds)
+  sprec_generated   SPRec, the rejected response is the model's own title text (dpo.negative_source=generated)
+  sprec_grounded    SPRec, the rejected response is the nearest catalogue item to it (negative_source=grounded)
+  sprec_sdpo        optional: SPRec + S-DPO, K=3 distinct sampled completions (generated)
+Writes a per-seed table, a mean +- sd table over seeds, JSON and a plot to --out; rerunning with the
+same --out resumes finished runs.
 
     python benchmarks/quality.py                                   # Goodreads sample, SmolLM2, CPU
-    # the table in benchmarks/RESULTS.md (~1.8 h on 2 CPU cores):
-    python benchmarks/quality.py --train 512 --round-rows 64 --valid 100 --rounds 3 data.max_history=5 sft.epochs=2
+    python benchmarks/quality.py --seeds 0 1 2 --train 512 --round-rows 64 --valid 100 --rounds 2 \\
+        data.max_history=5 sft.epochs=2
+    python benchmarks/quality.py --config configs/tiny.yaml --model tiny --train 48 --round-rows 16 \\
+        --valid 12 --rounds 1 --seeds 0 1 --out bench_out/quality_smoke generation.backend=hf   # plumbing only
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import platform
+import statistics
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-KEYS = ("NDCG@5", "HR@5", "DivRatio@5", "ORRatio@5", "MGU@5", "DGU@5")
+KEYS = ("NDCG@5", "HR@5", "DivRatio@5", "ORRatio@5", "MGU@5", "DGU@5", "DivRatio@1", "ORRatio@1")
+NEGATIVE_KEYS = ("rows_kept", "rows_dropped", "exact", "new_text", "equal_to_positive", "top_popular_share")
+VARIANTS = ("sft", "dpo_random", "sprec_generated", "sprec_grounded", "sprec_sdpo")
+
+
+def variant_overrides(name: str, args: argparse.Namespace) -> list[str]:
+    return {
+        "sft": ["selfplay.rounds=0"],
+        "dpo_random": ["selfplay.method=dpo_random", f"selfplay.rounds={args.random_rounds}"],
+        "sprec_generated": [f"selfplay.rounds={args.rounds}", "dpo.negative_source=generated"],
+        "sprec_grounded": [f"selfplay.rounds={args.rounds}", "dpo.negative_source=grounded"],
+        "sprec_sdpo": [f"selfplay.rounds={args.sdpo_rounds}", "dpo.loss=sdpo", "dpo.num_negatives=3",
+                       "generation.decoding=sample", "generation.n=3", "dpo.negative_source=generated"],
+    }[name]
+
+
+def finite(value: float | None) -> float | None:
+    """NaN (e.g. MGU when nothing was recommended) as None, so the JSON stays valid."""
+    return None if value is None or math.isnan(value) else value
+
+
+def mean_sd(values: list[float]) -> str:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(REPO / "configs" / "default.yaml"))
     parser.add_argument("--data", default="bundled", help="SPRec-format dir (default: ../shared Goodreads if present)")
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--train", type=int, default=256, help="rows for the warm-start SFT")
     parser.add_argument("--round-rows", type=int, default=64, help="rows sampled per self-play round")
     parser.add_argument("--valid", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2, help="SPRec rounds (both negative sources)")
+    parser.add_argument("--random-rounds", type=int, default=1, help="rounds of SFT + DPO with random negatives")
     parser.add_argument("--sdpo-rounds", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS[1:], default=list(VARIANTS[1:4]),
+                        help="preference variants to compare with the warm start")
     parser.add_argument("--out", default=str(REPO / "bench_out" / "quality"))
     parser.add_argument("overrides", nargs="*", help="extra section.key=value for every variant")
     args = parser.parse_args()
@@ -40,43 +84,55 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     common = [f"data.path={args.data}", f"model.name={args.model}", f"data.train_samples={args.train}",
-              f"data.valid_samples={args.valid}", f"selfplay.round_samples={args.round_rows}", f"seed={args.seed}",
-              *args.overrides]
-    variants = [
-        ("sft", ["selfplay.rounds=0"]),
-        ("dpo_random", ["selfplay.method=dpo_random", "selfplay.rounds=1"]),
-        ("sprec", [f"selfplay.rounds={args.rounds}"]),
-        ("sprec_sdpo", [f"selfplay.rounds={args.sdpo_rounds}", "dpo.loss=sdpo", "dpo.num_negatives=3",
-                        "generation.decoding=sample", "generation.n=3"]),
-    ]
-    rows: list[tuple[str, dict[str, float]]] = []
-    timings: dict[str, float] = {}
-    warm_start = ""
-    for name, extra in variants:
-        run_dir = out / name
-        overrides = [*common, f"output_dir={run_dir}", f"name={name}", *extra]
-        if warm_start:
-            overrides.append(f"selfplay.init_adapter={warm_start}")
-        results = run_selfplay(load_config(REPO / "configs" / "default.yaml", overrides), resume=run_dir.exists())
-        # from the manifests, so a resumed variant reports the time its phases took, not the resume
-        timings[name] = sum(json.loads(m.read_text())["seconds"] for m in (run_dir / "manifests").glob("*.json"))
-        if name == "sft":
-            warm_start = json.loads((run_dir / "final.json").read_text())["adapter"]
-            rows.append(("SFT only", results[0][1]))
-        else:
-            rows += [(f"{name} {label}", m) for label, m in results[1:]]
+              f"data.valid_samples={args.valid}", f"selfplay.round_samples={args.round_rows}", *args.overrides]
 
-    table = metrics_table(rows, 5)
-    plot_rounds(rows, 5, out / "quality_at5.png")
-    header = (f"seed {args.seed}; model {args.model}; warm-start SFT on {args.train} rows, {args.round_rows} rows per "
-              f"round, {args.valid} validation rows; {platform.machine()} CPU x{__import__('os').cpu_count()}; "
+    def run(name: str, seed: int, extra: list[str]) -> tuple[Path, list[tuple[str, dict[str, float]]], float]:
+        run_dir = out / f"seed{seed}" / name
+        overrides = [*common, f"seed={seed}", f"output_dir={run_dir}", f"name={name}", *variant_overrides(name, args), *extra]
+        results = run_selfplay(load_config(args.config, overrides), resume=run_dir.exists())
+        # from the manifests, so a resumed run reports the time its phases took, not the resume
+        seconds = sum(json.loads(m.read_text())["seconds"] for m in (run_dir / "manifests").glob("*.json"))
+        return run_dir, results, seconds
+
+    sft_dir, sft_results, sft_s = run("sft", args.seeds[0], [])
+    warm_start = json.loads((sft_dir / "final.json").read_text())["adapter"]
+    timings: dict[str, float] = {"sft": sft_s}
+    per_seed: dict[int, list[tuple[str, dict[str, float]]]] = {}
+    negatives: dict[str, list[dict[str, float]]] = {}
+    for seed in args.seeds:
+        rows = [("SFT (warm start)", sft_results[0][1])]
+        for name in args.variants:
+            run_dir, results, seconds = run(name, seed, [f"selfplay.init_adapter={warm_start}"])
+            timings[f"seed{seed}/{name}"] = seconds
+            rows += [(f"{name} {label}", m) for label, m in results[1:]]
+            for manifest in sorted((run_dir / "manifests").glob("r*_negatives.json")):
+                stats = json.loads(manifest.read_text())["metrics"]
+                negatives.setdefault(f"{name} {manifest.name.split('_')[0]}", []).append(stats)
+        per_seed[seed] = rows
+        plot_rounds(rows, 5, out / f"quality_seed{seed}_at5.png")
+
+    labels = list(dict.fromkeys(label for rows in per_seed.values() for label, _ in rows))
+    summary = ["| run | seeds | " + " | ".join(KEYS) + " |", "|---|---:|" + "---:|" * len(KEYS)]
+    for label in labels:
+        found = [m for rows in per_seed.values() for lab, m in rows if lab == label]
+        summary.append(f"| {label} | {len(found)} | " + " | ".join(mean_sd([m.get(k, math.nan) for m in found]) for k in KEYS) + " |")
+    neg_table = ["| negatives | " + " | ".join(NEGATIVE_KEYS) + " |", "|---|" + "---:|" * len(NEGATIVE_KEYS)]
+    for label, stats in negatives.items():
+        neg_table.append(f"| {label} | " + " | ".join(mean_sd([s.get(k, math.nan) for s in stats]) for k in NEGATIVE_KEYS) + " |")
+    header = (f"seeds {args.seeds}; model {args.model}; warm-start SFT on {args.train} rows (seed {args.seeds[0]}, shared), "
+              f"{args.round_rows} rows per round, {args.valid} validation rows; {platform.machine()} CPU x{os.cpu_count()}; "
               f"run time {sum(timings.values()) / 60:.1f} min")
-    (out / "quality.md").write_text(f"{header}\n\n{table}\n")
-    (out / "quality.json").write_text(json.dumps({"args": vars(args), "timings_s": timings,
-                                                  "rows": [{"variant": k, **{m: v.get(m) for m in KEYS}} for k, v in rows]},
-                                                 indent=2))
-    print(header)
-    print(table)
+    seed_tables = "\n\n".join(f"### seed {seed}\n\n{metrics_table(rows, 5)}" for seed, rows in per_seed.items())
+    text = (f"{header}\n\n## mean ± sd over seeds\n\n" + "\n".join(summary) + "\n\n## negatives per round (mean ± sd)\n\n"
+            + "\n".join(neg_table) + f"\n\n## per seed\n\n{seed_tables}\n")
+    (out / "quality.md").write_text(text)
+    (out / "quality.json").write_text(json.dumps({
+        "args": vars(args), "timings_s": timings,
+        "rows": [{"seed": seed, "variant": label, **{k: finite(m.get(k)) for k in KEYS}}
+                 for seed, rows in per_seed.items() for label, m in rows],
+        "negatives": {label: [{k: finite(s.get(k)) for k in NEGATIVE_KEYS} for s in stats] for label, stats in negatives.items()},
+    }, indent=2))
+    print(text)
 
 
 if __name__ == "__main__":

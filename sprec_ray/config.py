@@ -84,6 +84,12 @@ class DPOConfig:
     loss: Literal["dpo", "sdpo"] = "dpo"
     beta: float = 0.1
     num_negatives: int = 1  # K; must be 1 for "dpo"
+    # Self-play rejected response: "generated" = the model's own title text (SPRec), "grounded" = the
+    # nearest catalogue item to it (see generate/negatives.py).
+    negative_source: Literal["generated", "grounded"] = "generated"
+    # A self-play prediction equal to the target: "drop" it (SPRec's effect, its pair has no gradient)
+    # or "popular_random": a popularity-weighted random item takes its place.
+    on_equal_positive: Literal["drop", "popular_random"] = "drop"
     lr: float = 2e-5
     epochs: int = 1
     batch_size: int = 4
@@ -222,6 +228,11 @@ def _check_cross_fields(cfg: RunConfig) -> None:
             raise ConfigError(f"{key} must be >= 1, got {value}")
     if cfg.dpo.loss == "dpo" and cfg.dpo.num_negatives != 1:
         raise ConfigError(f"dpo.num_negatives must be 1 when dpo.loss is 'dpo' (got {cfg.dpo.num_negatives}); use dpo.loss: sdpo for K > 1")
+    if (cfg.selfplay.method == "sprec" and cfg.dpo.negative_source == "generated"
+            and cfg.generation.max_new_tokens + 4 > cfg.model.max_response_len):
+        # a generated negative is re-rendered as '"text"' + EOS; training never truncates responses
+        raise ConfigError(f"generation.max_new_tokens ({cfg.generation.max_new_tokens}) + 4 must be <= "
+                          f"model.max_response_len ({cfg.model.max_response_len}) with dpo.negative_source 'generated'")
     if cfg.dpo.beta <= 0:
         raise ConfigError(f"dpo.beta must be > 0, got {cfg.dpo.beta}")
     for key, value in {"lora.dropout": cfg.lora.dropout, "dpo.lora_dropout": cfg.dpo.lora_dropout}.items():

@@ -2,7 +2,7 @@
 
 warm-start SFT, then per round r:
   one generation pass with round r-1's model (vLLM pool, one adapter switch): evaluate round r-1 on
-  valid + generate round r's negatives -> one training fit: SFT on the real next items, then DPO /
+  valid + generate round r's negatives (by default the model's own title texts, generate/negatives.py) -> one training fit: SFT on the real next items, then DPO /
   S-DPO against those negatives (reference = this round's SFT weights); after the last round,
   evaluate it.
 Every phase (r1_negatives, r1_sft, r1_dpo, r1_eval, ...) is idempotent and leaves a manifest;
@@ -12,7 +12,6 @@ checkpoint, at stage granularity.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import random
@@ -37,6 +36,8 @@ from .report import metrics_table, write_report
 from .runtime import init_ray
 
 log = logging.getLogger("sprec_ray")
+NEGATIVES_SCHEMA = pa.schema([("row_id", pa.int64()), ("negatives", pa.list_(pa.int64())),
+                              ("rejected_text", pa.list_(pa.string()))])
 MODEL_CACHE = Path.home() / ".cache" / "sprec_ray" / "models"
 
 
@@ -214,9 +215,13 @@ class SelfPlayDriver:
         def body(_: list[str]) -> dict[str, tuple[dict[str, Any], dict[str, float], float]]:
             rows = self._round_rows(r)
             stages = [Stage("sft", names[0], self._dataset(names[0], rows), self.run_dir / f"r{r}" / "sft")]
+            pairs = 0
             if len(names) > 1:
-                dataset = self._dpo_dataset(r, self.store.load(f"r{r}_negatives"))
-                stages.append(Stage("dpo", names[1], dataset, self.run_dir / f"r{r}" / "dpo"))
+                dataset, pairs = self._dpo_dataset(r, self.store.load(f"r{r}_negatives"))
+                if pairs:
+                    stages.append(Stage("dpo", names[1], dataset, self.run_dir / f"r{r}" / "dpo"))
+                else:  # every prediction was empty or equal to the target: nothing to push down this round
+                    log.warning("r%d: no self-play pairs left (see r%d_negatives); DPO keeps the SFT adapter", r, r)
             if self.cfg.generation.release_while_training and self._pool is not None:
                 self._pool.release()
             results = run_fit(self.cfg, self.base_model, stages, Path(init_adapter) if init_adapter else None,
@@ -228,7 +233,10 @@ class SelfPlayDriver:
                 seconds = m["fit_s"] - rest if stage is stages[0] else own
                 rest += own
                 out[stage.name] = ({"adapter": str(results[stage.name].adapter_dir),
-                                    "checkpoint": results[stage.name].checkpoint_path}, m, seconds)
+                                    "checkpoint": results[stage.name].checkpoint_path},
+                                   {**m, "pairs": float(pairs)} if stage.phase == "dpo" else m, seconds)
+            if len(names) > len(stages):
+                out[names[1]] = ({"adapter": out[names[0]][0]["adapter"], "checkpoint": ""}, {"pairs": 0.0}, 0.0)
             return out
 
         return self.phases(names, body)
@@ -252,33 +260,46 @@ class SelfPlayDriver:
                 {"train_rows": float(len(self.data.train)), "valid_rows": float(len(self.data.valid)),
                  "items": float(len(self.data.catalogue)), **bad})
 
-    def _dataset(self, name: str, rows: Sequence[Example], negatives: Sequence[Sequence[int]] | None = None):
+    def _dataset(self, name: str, rows: Sequence[Example], negatives: Sequence[Sequence[int]] | None = None,
+                 rejected_texts: Sequence[Sequence[str]] | None = None):
         shards = self.run_dir / "data" / name
-        write_examples_parquet(rows, shards, self.cfg.data.num_shards, negatives)
+        write_examples_parquet(rows, shards, self.cfg.data.num_shards, negatives, rejected_texts)
         return prompt_dataset(shards, self.data.catalogue, self.cfg.data.item_noun,
                               counterfactual=self.cfg.sft.cft.enabled)
 
     def _negatives(self, r: int, rows: Sequence[Example], generated: tuple[list[list[str]], dict[str, float]] | None):
-        k = self.cfg.dpo.num_negatives
+        k, dpo = self.cfg.dpo.num_negatives, self.cfg.dpo
+        titles = self.data.catalogue.titles
         if self.cfg.selfplay.method == "dpo_random":
-            negatives = random_negatives(rows, len(self.data.catalogue), k, self.cfg.seed + r)
+            ids = random_negatives(rows, len(titles), k, self.cfg.seed + r)
+            texts = [[titles[i] for i in n] for n in ids]
             stats: dict[str, float] = {"random": float(len(rows) * k)}
         else:
             from .generate.negatives import build_negatives
 
             completions, timing = generated
-            negatives, neg_stats = build_negatives(rows, completions, self.data.catalogue, self.grounder, k, self.cfg.seed + r)
-            stats = {**{k_: float(v) for k_, v in dataclasses.asdict(neg_stats).items()}, **timing}
+            negatives, neg_stats = build_negatives(rows, completions, self.data.catalogue, self.grounder, k,
+                                                   self.cfg.seed + r, dpo.negative_source, dpo.on_equal_positive)
+            ids, texts = [list(n.ids) for n in negatives], [list(n.texts) for n in negatives]
+            stats = {**neg_stats.metrics(), **timing}
         path = self.run_dir / f"r{r}" / "negatives.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.table({"row_id": [e.row_id for e in rows], "negatives": [list(n) for n in negatives]}), path)
+        # ids (-1 = generated text that is no catalogue title) and the rejected texts; [] = row dropped
+        pq.write_table(pa.table({"row_id": [e.row_id for e in rows], "negatives": ids, "rejected_text": texts},
+                                schema=NEGATIVES_SCHEMA), path)
         return {"negatives": str(path)}, stats
 
-    def _dpo_dataset(self, r: int, negatives: PhaseRecord):
+    def _dpo_dataset(self, r: int, negatives: PhaseRecord) -> tuple[Any, int]:
+        """The round's preference pairs as a prompt dataset, and how many rows kept a negative."""
         table = pq.read_table(negatives.outputs["negatives"]).to_pydict()
-        by_row = dict(zip(table["row_id"], table["negatives"], strict=True))
-        rows = [e for e in self._round_rows(r) if by_row.get(e.row_id)]
-        return self._dataset(f"r{r}_dpo", rows, [by_row[e.row_id] for e in rows])
+        by_row = {row: (ids, texts) for row, ids, texts in
+                  zip(table["row_id"], table["negatives"], table["rejected_text"], strict=True) if texts}
+        rows = [e for e in self._round_rows(r) if e.row_id in by_row]
+        if not rows:
+            return None, 0
+        dataset = self._dataset(f"r{r}_dpo", rows, [by_row[e.row_id][0] for e in rows],
+                                [by_row[e.row_id][1] for e in rows])
+        return dataset, len(rows)
 
     def _prompts(self, rows: Sequence[Example]) -> list[str]:
         titles = self.data.catalogue.titles

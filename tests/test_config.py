@@ -33,6 +33,9 @@ def test_save_then_load_round_trips(tmp_path):
     (["dpo.loss=ipo"], r"dpo.loss = 'ipo' is not allowed; choose one of \['dpo', 'sdpo'\]"),
     (["train.zero_stage=1"], r"train.zero_stage = 1 is not allowed; choose one of \[0, 2, 3\]"),
     (["dpo.num_negatives=3"], r"dpo.num_negatives must be 1 when dpo.loss is 'dpo'"),
+    (["dpo.negative_source=model"], r"dpo.negative_source = 'model' is not allowed; choose one of \['generated', 'grounded'\]"),
+    (["dpo.on_equal_positive=keep"], r"dpo.on_equal_positive = 'keep' is not allowed; choose one of \['drop', 'popular_random'\]"),
+    (["generation.max_new_tokens=60"], r"generation.max_new_tokens \(60\) \+ 4 must be <= model.max_response_len \(48\)"),
     (["sft.lr=fast"], r"sft.lr must be a number, got 'fast'"),
     (["train.use_gpu=1"], r"train.use_gpu must be true or false"),
     (["generation.n=4"], r"generation.n must be 1 with generation.decoding 'greedy'"),
@@ -51,3 +54,8 @@ def test_missing_and_non_mapping_files(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping at the top level"):
         load_config(tmp_path / "list.yaml")
+
+
+def test_long_generations_are_fine_when_negatives_are_catalogue_titles():
+    cfg = load_config(CONFIGS / "tiny.yaml", ["generation.max_new_tokens=60", "dpo.negative_source=grounded"])
+    assert cfg.dpo.negative_source == "grounded" and cfg.dpo.on_equal_positive == "drop"

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -22,7 +23,10 @@ PHASES = ["prepare", "r0_sft", "r0_eval", "r1_negatives", "r1_sft", "r1_dpo", "r
 
 def _overrides(out: Path, data_dir: Path) -> list[str]:
     return [f"output_dir={out}", f"data.path={data_dir}", "data.train_samples=48", "data.valid_samples=12",
-            "selfplay.rounds=1", "selfplay.round_samples=24", "generation.backend=hf"]
+            "selfplay.rounds=1", "selfplay.round_samples=24", "generation.backend=hf",
+            # greedy, the random tiny model emits only newlines (no title, so no pair); sampled text gives
+            # the self-play negatives something to reject (eval stays greedy)
+            "generation.decoding=sample", "generation.temperature=2.0"]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +57,14 @@ def test_run_writes_every_phase_report_and_final_model(finished_run):
     assert (out / "report.md").read_text().count("| r1 |") == 3  # one table per K
     assert (out / "rounds_at5.png").stat().st_size > 10_000
     negatives = json.loads((out / "manifests" / "r1_negatives.json").read_text())["metrics"]
-    assert negatives, "negative-building stats are recorded"
+    assert negatives["rows_kept"] + negatives["rows_dropped"] == negatives["rows"] == 24
+    assert negatives["negatives"] == negatives["rows_kept"] > 0  # K = 1: one rejected response per kept row
+    assert manifest["metrics"]["pairs"] == negatives["rows_kept"]
+    # the model's own texts reach the DPO shards verbatim, for exactly the kept rows
+    table = pq.read_table(out / "r1" / "negatives.parquet").to_pydict()
+    kept = {row: texts for row, texts in zip(table["row_id"], table["rejected_text"], strict=True) if texts}
+    shards = pq.read_table(out / "data" / "r1_dpo").to_pydict()
+    assert dict(zip(shards["row_id"], shards["rejected_text"], strict=True)) == kept
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """Examples -> sharded Parquet -> Ray Data prompt building (`map_batches`), so prep scales out.
 
-The Parquet files hold ids only; titles are attached by `PromptBuilder` on the workers, which is
-the step that grows with the catalogue and the number of rows.
+The Parquet files hold ids; titles are attached by `PromptBuilder` on the workers, which is the step
+that grows with the catalogue and the number of rows. The one text column is `rejected_text`: a DPO
+negative the model generated may be no catalogue title, so it travels as text.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from .records import Example
 
 
 def write_examples_parquet(examples: Sequence[Example], out_dir: str | Path, num_shards: int,
-                           negatives: Sequence[Sequence[int]] | None = None) -> list[Path]:
-    """One Parquet file per shard; `negatives[i]` (DPO rejected item ids) goes with examples[i]."""
-    if negatives is not None and len(negatives) != len(examples):
-        raise ValueError(f"{len(negatives)} negative lists for {len(examples)} examples")
+                           negatives: Sequence[Sequence[int]] | None = None,
+                           rejected_texts: Sequence[Sequence[str]] | None = None) -> list[Path]:
+    """One Parquet file per shard; `negatives[i]` (DPO rejected item ids, -1 = not a catalogue item)
+    and `rejected_texts[i]` (the rejected titles, which `PromptBuilder` then uses) go with examples[i]."""
+    _check_negatives(examples, negatives, rejected_texts)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -34,10 +36,30 @@ def write_examples_parquet(examples: Sequence[Example], out_dir: str | Path, num
             "target": pa.array([e.target for e in rows], pa.int64()),
             "negatives": pa.array([list(negatives[i]) if negatives is not None else [] for i in idx], pa.list_(pa.int64())),
         })
+        if rejected_texts is not None:
+            table = table.append_column("rejected_text", pa.array([list(rejected_texts[i]) for i in idx],
+                                                                  pa.list_(pa.string())))
         path = out_dir / f"part-{shard:05d}.parquet"
         pq.write_table(table, path)
         paths.append(path)
     return paths
+
+
+def _check_negatives(examples: Sequence[Example], negatives: Sequence[Sequence[int]] | None,
+                     rejected_texts: Sequence[Sequence[str]] | None) -> None:
+    for name, lists in (("negative", negatives), ("rejected text", rejected_texts)):
+        if lists is not None and len(lists) != len(examples):
+            raise ValueError(f"{len(lists)} {name} lists for {len(examples)} examples")
+    for i, e in enumerate(examples):
+        texts = rejected_texts[i] if rejected_texts is not None else None
+        if texts is not None and (isinstance(texts, str) or not all(isinstance(t, str) and t for t in texts)):
+            raise ValueError(f"row {e.row_id}: rejected texts must be non-empty strings, got {texts!r}")
+        if negatives is None:
+            continue
+        if texts is not None and len(texts) != len(negatives[i]):
+            raise ValueError(f"row {e.row_id}: {len(texts)} rejected texts for {len(negatives[i])} negative ids")
+        if texts is None and any(n < 0 for n in negatives[i]):
+            raise ValueError(f"row {e.row_id}: negative ids {list(negatives[i])} need rejected texts (id -1 has no title)")
 
 
 class PromptBuilder:
@@ -56,7 +78,10 @@ class PromptBuilder:
         batch = batch.append_column("response", pa.array([render_response(titles[t]) for t in targets]))
         if self.counterfactual:
             batch = batch.append_column("cf_prompt", pa.array([render_prompt([], self.item_noun)] * len(targets)))
-        if "negatives" in batch.column_names:
+        if "rejected_text" in batch.column_names:
+            rejected = [[render_response(t) for t in texts] for texts in batch.column("rejected_text").to_pylist()]
+            batch = batch.append_column("rejected", pa.array(rejected, pa.list_(pa.string())))
+        elif "negatives" in batch.column_names:
             rejected = [[render_response(titles[i]) for i in negs] for negs in batch.column("negatives").to_pylist()]
             batch = batch.append_column("rejected", pa.array(rejected, pa.list_(pa.string())))
         return batch

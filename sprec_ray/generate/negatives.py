@@ -1,30 +1,43 @@
-"""Self-play negatives: the previous round's predictions, grounded to catalogue items, K per prompt.
+"""Self-play negatives: the previous round's own completions as DPO rejected responses, K per prompt.
 
-Per example, in this order, until K distinct negatives are found:
-1. the model's own completions (n samples or beams): `parse_response`, then the grounder's top item
-   (exact title match, else the nearest title by embedding). A prediction equal to the target is
-   dropped (SPRec keeps it and trains a zero-gradient pair, seeds-spec §6.3).
-2. the grounder's next neighbours of those completions, round-robin over completions (near misses,
-   i.e. hard negatives);
-3. popularity-weighted random items, weight = training popularity + 1 (so unseen items can appear).
+Per example, each completion (n samples or beams) is parsed (`parse_response`, then `normalise_title`)
+and grounded (exact title, else the nearest title by embedding). Grounding only classifies it:
+* empty text: skipped (SPRec skips rows with no quoted title);
+* equal to the positive (exact or nearest item == target): `on_equal` decides. "drop" discards it
+  (SPRec's effect: such a pair has zero gradient, seeds-spec §6.3); "popular_random" puts a
+  popularity-weighted random item in its place;
+* a repeat of a completion already taken for the row, or beyond K: skipped;
+* otherwise it is a negative. `source="generated"` (SPRec) keeps the model's own text: a catalogue
+  title when it matched one exactly, else the new text verbatim. `source="grounded"` uses the nearest
+  catalogue item instead. Distinct means distinct text (generated) or distinct item (grounded).
 
-History items: a *predicted* history item is kept as a negative, as in SPRec: recommending an item the
-user already consumed is a real mistake the model should unlearn (counted in `in_history`). Items
-added by steps 2 and 3 are not the model's choice, so they skip history items, which would be false
-negatives (the user did like them); history is used by step 3 only if nothing else is left.
+Fewer than K negatives: a row with none is dropped, since there is nothing of the model's own to push
+down; a row with some is filled with popularity-weighted random items (weight = popularity + 1, never
+the target or the history when avoidable). Samples repeat exactly on the rows where the model is most
+confident, so dropping those rows would bias the data set; S-DPO needs exactly K per row.
+
+A predicted history item is kept as a negative, as in SPRec: recommending an item the user already
+consumed is a real mistake (counted in `in_history`). Random fills skip the history, which would be
+false negatives. The target's embedding neighbours are never used: on Goodreads they are often
+sequels of the positive, i.e. likely false negatives.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import asdict, dataclass
+from typing import Literal, Protocol
 
 import numpy as np
 
 from ..data.catalogue import Catalogue
 from ..data.prompts import parse_response
 from ..data.records import Example
+from ..eval.grounding import normalise_title
+
+NegativeSource = Literal["generated", "grounded"]
+OnEqualPositive = Literal["drop", "popular_random"]
+TOP_POPULAR = 10  # SPRec claims to suppress the most popular items: the share of negatives among them
 
 
 class GrounderLike(Protocol):
@@ -33,21 +46,43 @@ class GrounderLike(Protocol):
     def exact_ids(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
+@dataclass(frozen=True)
+class RowNegatives:
+    """One row's rejected titles (rendered with `render_response` like positives), or none if dropped."""
+
+    texts: tuple[str, ...] = ()
+    ids: tuple[int, ...] = ()  # catalogue id per text; -1 = new text that is no catalogue title
+
+    @property
+    def dropped(self) -> bool:
+        return not self.texts
+
+
 @dataclass
 class NegativeStats:
-    """Counts per round; every completion lands in exactly one of unparsed / exact / grounded."""
+    """Counts per round. Every completion lands in exactly one of unparsed / equal_to_positive /
+    duplicates / surplus / exact / new_text; every kept negative is one of exact / new_text /
+    replaced_equal / topped_up, so negatives == (exact + new_text + replaced_equal + topped_up) == K * rows_kept."""
 
     rows: int = 0
+    rows_kept: int = 0
+    rows_dropped: int = 0  # no usable completion (and nothing to replace)
     completions: int = 0
     unparsed: int = 0  # no title text after parse_response
-    exact: int = 0  # parsed text is a catalogue title
-    grounded: int = 0  # mapped to the nearest title by embedding
-    equal_to_positive: int = 0  # model predictions equal to the target: dropped
-    duplicates: int = 0  # model predictions already taken for the same row (n > 1)
-    model: int = 0  # negatives taken from the model's own predictions
-    in_history: int = 0  # ... of which are history items (kept, see module docstring)
-    neighbours: int = 0  # filled from the grounder's next neighbours
-    topped_up: int = 0  # filled with popularity-weighted random items
+    equal_to_positive: int = 0  # exact or nearest item == target
+    duplicates: int = 0  # same text (generated) / item (grounded) as a negative already taken for the row
+    surplus: int = 0  # usable, but the row already had K
+    exact: int = 0  # negatives that are an exact catalogue title
+    new_text: int = 0  # negatives whose text is no catalogue title (grounded: its nearest item is used)
+    replaced_equal: int = 0  # popularity-weighted random items standing in for equal_to_positive
+    topped_up: int = 0  # popularity-weighted random items filling rows with 1..K-1 model negatives
+    negatives: int = 0
+    in_history: int = 0  # model negatives whose item is in the user's history (kept)
+    top_popular: int = 0  # negatives whose item (nearest item for new text) is a top-10 training item
+
+    def metrics(self) -> dict[str, float]:
+        share = self.top_popular / self.negatives if self.negatives else 0.0
+        return {**{k: float(v) for k, v in asdict(self).items()}, "top_popular_share": share}
 
 
 def _check_inputs(examples: Sequence[Example], completions: Sequence[Sequence[str]], num_items: int, k: int) -> None:
@@ -66,73 +101,94 @@ def _check_inputs(examples: Sequence[Example], completions: Sequence[Sequence[st
 
 
 def build_negatives(examples: Sequence[Example], completions: Sequence[Sequence[str]], catalogue: Catalogue,
-                    grounder: GrounderLike, k: int, seed: int) -> tuple[list[list[int]], NegativeStats]:
-    """K distinct negative item ids per example (never the target), plus counts of where they came from."""
+                    grounder: GrounderLike, k: int, seed: int, source: NegativeSource = "generated",
+                    on_equal: OnEqualPositive = "drop") -> tuple[list[RowNegatives], NegativeStats]:
+    """Per example (same order) its K rejected titles, or an empty RowNegatives when dropped."""
+    if source not in ("generated", "grounded"):
+        raise ValueError(f"negative source {source!r} must be 'generated' or 'grounded'")
+    if on_equal not in ("drop", "popular_random"):
+        raise ValueError(f"on_equal {on_equal!r} must be 'drop' or 'popular_random'")
     num_items = len(catalogue)
     _check_inputs(examples, completions, num_items, k)
     stats = NegativeStats(rows=len(examples))
-    parsed = [[parse_response(t) for t in texts] for texts in completions]
-    flat = [(i, text) for i, texts in enumerate(parsed) for text in texts]
-    stats.completions = len(flat)
-    texts = [text for _, text in flat if text]
-    max_hist = max((len(e.history) for e in examples), default=0)
-    depth = min(num_items, 2 * k + 1 + max_hist)  # enough neighbours to skip target, history and taken
+    parsed = [[normalise_title(parse_response(t)) for t in texts] for texts in completions]
+    stats.completions = sum(len(p) for p in parsed)
+    texts = [t for p in parsed for t in p if t]
     if texts:
-        ids, _ = grounder.ground(texts, depth)
+        nearest = grounder.ground(texts, 1)[0][:, 0]
         exact = grounder.exact_ids(texts)
     else:
-        ids, exact = np.zeros((0, depth), dtype=np.int64), np.zeros(0, dtype=np.int64)
-    stats.unparsed = len(flat) - len(texts)
-    stats.exact = int((exact >= 0).sum())
-    stats.grounded = len(texts) - stats.exact
-    rows_of: list[list[np.ndarray]] = [[] for _ in examples]  # grounded neighbour lists per example
-    j = 0
-    for i, text in flat:
-        if text:
-            rows_of[i].append(ids[j])
-            j += 1
-    weights = np.asarray(catalogue.popularity, dtype=np.float64) + 1.0
-    negatives = [_negatives_for(e, rows_of[i], k, weights, seed, stats) for i, e in enumerate(examples)]
-    return negatives, stats
+        nearest = exact = np.zeros(0, dtype=np.int64)
+    popularity = np.asarray(catalogue.popularity)
+    weights = popularity.astype(np.float64) + 1.0
+    top = set(np.argsort(-popularity, kind="stable")[:TOP_POPULAR].tolist())
+    out, j = [], 0
+    for e, row in zip(examples, parsed, strict=True):
+        grounded = []
+        for text in row:
+            grounded.append((text, int(exact[j]), int(nearest[j])) if text else (text, -1, -1))
+            j += bool(text)
+        out.append(_negatives_for(e, grounded, catalogue.titles, k, weights, top, seed, source, on_equal, stats))
+    return out, stats
 
 
-def _negatives_for(example: Example, grounded: list[np.ndarray], k: int, weights: np.ndarray, seed: int,
-                   stats: NegativeStats) -> list[int]:
+def _negatives_for(example: Example, grounded: list[tuple[str, int, int]], titles: Sequence[str], k: int,
+                   weights: np.ndarray, top: set[int], seed: int, source: NegativeSource,
+                   on_equal: OnEqualPositive, stats: NegativeStats) -> RowNegatives:
     history = set(example.history)
-    chosen: list[int] = []
-    taken = {example.target}
-    for row in grounded:  # 1. the model's predictions
-        item = int(row[0])
+    texts: list[str] = []
+    ids: list[int] = []
+    items: list[int] = []  # the item each negative stands for (nearest item for new text)
+    keys: set[object] = set()
+    equal = 0
+    for text, exact_id, item in grounded:
+        if not text:
+            stats.unparsed += 1
+            continue
         if item == example.target:
             stats.equal_to_positive += 1
-        elif item in taken:
+            equal += 1
+            continue
+        key = item if source == "grounded" or exact_id >= 0 else text
+        if key in keys:
             stats.duplicates += 1
-        elif len(chosen) < k:
-            chosen.append(item)
-            taken.add(item)
-            stats.model += 1
+        elif len(texts) >= k:
+            stats.surplus += 1
+        else:
+            keys.add(key)
+            if exact_id >= 0:
+                stats.exact += 1
+            else:
+                stats.new_text += 1
+            # an exact match is written as the catalogue title, so it tokenises like that item as a positive
+            own = source == "generated" and exact_id < 0
+            texts.append(text if own else titles[item])
+            ids.append(-1 if own else item)
+            items.append(item)
             stats.in_history += item in history
-    for pos in range(1, grounded[0].shape[0] if grounded else 0):  # 2. next neighbours, round-robin
-        if len(chosen) >= k:
-            break
-        for row in grounded:
-            item = int(row[pos])
-            if len(chosen) < k and item >= 0 and item not in taken and item not in history:
-                chosen.append(item)
-                taken.add(item)
-                stats.neighbours += 1
-    if len(chosen) < k:  # 3. popularity-weighted top-up, seeded per row so order and sharding don't matter
-        rng = np.random.default_rng([seed, example.row_id])
-        for pool in (_pool(weights.size, taken | history), _pool(weights.size, taken)):
-            need = k - len(chosen)
-            if need <= 0 or pool.size == 0:
-                continue
-            p = weights[pool] / weights[pool].sum()
-            picks = rng.choice(pool, size=min(need, pool.size), replace=False, p=p)
-            chosen.extend(int(x) for x in picks)
-            taken.update(int(x) for x in picks)
-            stats.topped_up += len(picks)
-    return chosen
+    replace = min(equal, k - len(texts)) if on_equal == "popular_random" else 0
+    if not texts and not replace:
+        stats.rows_dropped += 1
+        return RowNegatives()
+    stats.rows_kept += 1
+    need = k - len(texts)
+    stats.replaced_equal += replace
+    stats.topped_up += need - replace
+    # seeded per row, so row order and sharding don't change the draw
+    rng = np.random.default_rng([seed, example.row_id])
+    taken = {example.target, *items}
+    for pool in (_pool(weights.size, taken | history), _pool(weights.size, taken)):
+        want = min(k - len(texts), pool.size)
+        if want <= 0:
+            continue
+        picks = [int(x) for x in rng.choice(pool, size=want, replace=False, p=weights[pool] / weights[pool].sum())]
+        texts += [titles[x] for x in picks]
+        ids += picks
+        items += picks
+        taken.update(picks)
+    stats.negatives += len(texts)
+    stats.top_popular += sum(x in top for x in items)
+    return RowNegatives(tuple(texts), tuple(ids))
 
 
 def _pool(num_items: int, excluded: set[int]) -> np.ndarray:
