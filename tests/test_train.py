@@ -144,7 +144,7 @@ def test_cft_then_sdpo_in_one_fit_on_ddp_then_dpo_with_dropout_on_zero2(tiny_dat
 
     # With dropout in DPO the policy's first forward already differs from the reference pass.
     dropout = with_train(load_config(None, [*_BASE, f"output_dir={tmp_path}", "dpo.lora_dropout=0.5", "dpo.loss=sdpo",
-                                            "dpo.num_negatives=2", "dpo.max_steps=2", "dpo.batch_size=4",
+                                            "dpo.num_negatives=2", "dpo.max_steps=2", "dpo.batch_size=4", "dpo.grad_accum=1",
                                             "train.zero_stage=2"]), num_workers=2)
     noisy = read_state(_ckpt(run_dpo(dropout, tiny_model_dir, ds, tmp_path / "noisy", cft.adapter_dir, "noisy"))).history
     assert len(noisy) == 2 and abs(noisy[0]["loss"] - math.log(3)) > 1e-3 and math.isfinite(noisy[-1]["loss"])
