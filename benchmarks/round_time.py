@@ -1,6 +1,8 @@
 """Wall time of one self-play round split by phase, and how much of it is orchestration.
 
-Runs the real driver (warm-start SFT + 1 round) and reads the per-phase manifests:
+A round is one generation pass (evaluate the previous adapter + this round's negatives, one adapter
+switch) and one training fit (SFT then DPO in one worker group). Runs the real driver (warm-start SFT
++ 1 round) and reads the per-phase manifests:
   generation (vLLM pool), SFT compute, DPO compute, evaluation, and orchestration overhead =
   actor start-up + adapter hand-off + (training phase wall - step compute - DPO reference pass:
   Ray Train worker start-up, DeepSpeed init, checkpoint I/O) + Ray Data prompt building.
@@ -49,6 +51,8 @@ def main() -> None:
         overrides = [f"output_dir={run_dir}", f"model.name={args.model}", f"generation.backend={args.backend}",
                      f"data.train_samples={args.rows}", f"data.valid_samples={args.valid}", "selfplay.rounds=1",
                      f"selfplay.round_samples={args.rows}", "eval.embedder=hash"]
+        if args.model == "tiny":  # greedy, the random tiny model writes no title: sampled text gives DPO pairs
+            overrides += ["generation.decoding=sample", "generation.temperature=2.0"]
         if args.gpu:
             overrides += ["train.use_gpu=true", "generation.gpus_per_actor=1", "model.dtype=bfloat16"]
         started = time.perf_counter()
@@ -64,12 +68,12 @@ def main() -> None:
         "generation (vLLM pool, train prompts)": gen["metrics"]["generate_s"],
         "negatives: grounding + building": gen["seconds"] - gen["metrics"]["generate_s"] - gen["metrics"]["adapter_switch_s"],
         "SFT compute (optimizer steps)": sft["metrics"]["compute_s"],
-        "DPO compute (optimizer steps)": dpo["metrics"]["compute_s"],
+        "DPO compute (optimizer steps)": dpo["metrics"].get("compute_s", 0.0),
         "DPO reference pass (no-grad log-probs)": dpo["metrics"].get("reference_s", 0.0),
         "evaluation (generate + ground + metrics)": ev["seconds"] - ev["metrics"]["adapter_switch_s"],
         "overhead: adapter hand-off (switch + probe)": gen["metrics"]["adapter_switch_s"] + ev["metrics"]["adapter_switch_s"],
         "overhead: Ray Train start-up, data prep, model load, checkpoint I/O":
-            sft["seconds"] - sft["metrics"]["compute_s"] + dpo["seconds"] - dpo["metrics"]["compute_s"]
+            sft["seconds"] - sft["metrics"]["compute_s"] + dpo["seconds"] - dpo["metrics"].get("compute_s", 0.0)
             - dpo["metrics"].get("reference_s", 0.0),
     }
     round_s = sum(m["seconds"] for m in (gen, sft, dpo, ev))
@@ -83,6 +87,8 @@ def main() -> None:
     print(f"\norchestration overhead: {overhead:.1f}s = {overhead / round_s:.0%} of the round; "
           f"vLLM actor start-up (once per run): {startup:.1f}s"
           + (f"; whole run incl. warm start: {total:.1f}s" if total is not None else ""))
+    if dpo["metrics"].get("pairs") == 0:
+        print("note: this round had no DPO pairs (every self-play prediction dropped), so no DPO stage ran")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": args.model, "backend": args.backend, "rows": args.rows, "gpu": args.gpu,

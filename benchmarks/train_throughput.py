@@ -1,9 +1,12 @@
 """Training throughput of the SFT and DPO phases: DeepSpeed ZeRO-2 vs ZeRO-3 vs plain torch DDP, one run.
 
 Each (phase, backend) is a real `run_sft` / `run_dpo` Ray Train fit on the same rows and settings.
-tokens/s is what the worker loop measures per optimizer step (all non-pad tokens fed forward:
-prompt + response, and all 1+K sequences of a DPO row), summed over workers, averaged over the
-steps after the first (start-up excluded); fit_s is the whole fit including worker start-up.
+Tokens are all non-pad tokens fed forward (prompt + response, all 1+K sequences of a DPO row), summed
+over workers, over the steps after the first (start-up excluded):
+  compute tokens/s = tokens / time inside optimizer steps (forward, backward, update, all-reduces);
+  wall tokens/s    = tokens / wall time of the step loop (adds reports to Ray Train, logging, I/O);
+  fixed_s          = fit wall time outside the step loop and the DPO reference pass (worker group
+                     start-up, model load, engine init, data, final checkpoint and adapter export).
 
     .venv/bin/python benchmarks/train_throughput.py                      # tiny model, CPU, 2 workers
     .venv/bin/python benchmarks/train_throughput.py --model 0.5b --workers 1 --dtype bfloat16   # GPU
@@ -98,7 +101,11 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--backends", default="ddp,zero2,zero3")
     ap.add_argument("--phases", default="sft,dpo")
-    ap.add_argument("--out", default="bench_out/train_throughput.json")
+    ap.add_argument("--log-every", default="1,10", help="train.log_every values: 1 = a Ray Train report (a barrier) "
+                    "every step, as before; compared side by side")
+    ap.add_argument("--max-tokens", type=int, default=0, help="train.max_tokens_per_batch (0 = --batch-size rows)")
+    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--out", default="", help="default: benchmarks/results/train_throughput_{cpu,gpu}.json")
     args = ap.parse_args()
 
     import ray.data
@@ -106,8 +113,9 @@ def main() -> None:
 
     from sprec_ray.train.phases import run_dpo, run_sft
 
-    out_path = Path(args.out)
-    work = out_path.parent / "train_throughput_work"
+    use_gpu = torch.cuda.is_available()
+    out_path = Path(args.out or Path(__file__).parent / "results" / f"train_throughput_{'gpu' if use_gpu else 'cpu'}.json")
+    work = Path("bench_out") / "train_throughput_work"
     data_dir = write_synthetic_sprec(work / "data", num_items=200, num_users=max(200, args.rows * 2), seed=0)
     data = load_dataset(load_config(None, [f"data.path={data_dir}"]).data, work / "scratch")
     titles = data.catalogue.titles
@@ -118,14 +126,13 @@ def main() -> None:
     rows = [{"row_id": e.row_id, "prompt": render_prompt([titles[i] for i in e.history]),
              "response": render_response(titles[e.target]),
              "rejected": [render_response(titles[(e.target + 1) % len(titles)])]} for e in examples]
-    use_gpu = torch.cuda.is_available()
     init_ray(num_cpus=max(4, args.workers * 2))
     peak = peak_flops()
     start_adapter = fresh_adapter(model_dir, work / "adapters" / "start")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     runs: dict[tuple[str, str], list[dict]] = {}
-    for repeat, phase, backend in ((r, p, b) for r in range(args.repeats) for p in args.phases.split(",")
-                                   for b in args.backends.split(",")):
+    for repeat, phase, backend, every in ((r, p, b, e) for r in range(args.repeats) for p in args.phases.split(",")
+                                          for b in args.backends.split(",") for e in args.log_every.split(",")):
         section = "sft" if phase == "sft" else "dpo"
         cfg = load_config(None, [
             f"output_dir={work}/runs", f"model.dtype={args.dtype}", f"train.zero_stage={BACKENDS[backend]}",
@@ -133,8 +140,10 @@ def main() -> None:
             f"train.cpus_per_worker={1 if use_gpu else 0.5}", "train.checkpoint_every=1000",
             f"{section}.batch_size={args.batch_size}", f"{section}.grad_accum={args.grad_accum}",
             f"{section}.max_steps={args.steps}", f"{section}.epochs=1000", f"{section}.lr=0.0001",
-            f"{section}.warmup_steps=0", "model.max_response_len=64"])
-        name = f"bench-{phase}-{backend}-{stamp}-{repeat}"
+            f"{section}.warmup_steps=0", "model.max_response_len=64", f"train.log_every={every}",
+            f"train.max_tokens_per_batch={args.max_tokens}",
+            f"train.gradient_checkpointing={str(args.gradient_checkpointing).lower()}"])
+        name = f"bench-{phase}-{backend}-{every}-{stamp}-{repeat}"
         ds = ray.data.from_items(rows)
         load = os.getloadavg()[0]  # other processes on a shared box skew CPU numbers; recorded per fit
         start = time.perf_counter()
@@ -143,31 +152,40 @@ def main() -> None:
         else:
             res = run_dpo(cfg, model_dir, ds, work / "adapters" / name, start_adapter, name)
         fit_s = time.perf_counter() - start
-        tps = res.metrics["tokens_per_s"]
-        runs.setdefault((phase, backend), []).append({"tokens_per_s": tps, "fit_s": fit_s, "steps": res.metrics["steps"],
-                                                   "load_average_1m": load})
-        print(f"{phase} {backend} (sweep {repeat + 1}/{args.repeats}): {tps:,.0f} tokens/s, fit {fit_s:.1f} s", flush=True)
+        m = res.metrics
+        tps, wall = m["tokens_per_s"], m["wall_tokens_per_s"]
+        fixed = fit_s - m["loop_s"] - m.get("reference_s", 0.0)
+        runs.setdefault((phase, backend, int(every)), []).append({
+            "compute_tokens_per_s": tps, "wall_tokens_per_s": wall, "loop_wall_over_compute": wall / tps,
+            "fit_s": fit_s, "loop_s": m["loop_s"], "compute_s": m["compute_s"], "reference_s": m.get("reference_s", 0.0),
+            "fixed_s": fixed, "steps": m["steps"], "load_average_1m": load})
+        print(f"{phase} {backend} log_every={every} (sweep {repeat + 1}/{args.repeats}): compute {tps:,.0f} tokens/s, loop wall "
+              f"{wall:,.0f} tokens/s ({wall / tps:.2f}), fit {fit_s:.1f} s, fixed {fixed:.1f} s", flush=True)
     results = []
-    for (phase, backend), tries in runs.items():
-        best = max(tries, key=lambda t: t["tokens_per_s"])
-        results.append({"phase": phase, "backend": backend, **best, "all_tokens_per_s": [t["tokens_per_s"] for t in tries],
-                        "mfu_6n": 6 * n_nonembed * best["tokens_per_s"] / peak if peak else None})
+    for (phase, backend, every), tries in runs.items():
+        best = max(tries, key=lambda t: t["wall_tokens_per_s"])
+        results.append({"phase": phase, "backend": backend, "log_every": every, **best,
+                        "all_wall_tokens_per_s": [t["wall_tokens_per_s"] for t in tries],
+                        "mfu_6n": 6 * n_nonembed * best["compute_tokens_per_s"] / peak if peak else None})
     for r in results:
-        base = next((x["tokens_per_s"] for x in results if x["phase"] == r["phase"] and x["backend"] == "ddp"), None)
-        r["vs_ddp"] = r["tokens_per_s"] / base if base else None
+        base = next((x["wall_tokens_per_s"] for x in results
+                     if (x["phase"], x["backend"], x["log_every"]) == (r["phase"], "ddp", r["log_every"])), None)
+        r["vs_ddp"] = r["wall_tokens_per_s"] / base if base else None
     device = torch.cuda.get_device_name(0) if use_gpu else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads in driver)"
     report = {"model": args.model, "params": n_all, "non_embedding_params": n_nonembed, "device": device,
               "workers": args.workers, "dtype": args.dtype, "rows": len(rows), "batch_size": args.batch_size,
-              "grad_accum": args.grad_accum, "steps": args.steps, "repeats": args.repeats, "results": results}
+              "grad_accum": args.grad_accum, "max_tokens_per_batch": args.max_tokens, "steps": args.steps,
+              "repeats": args.repeats, "results": results}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(report, indent=2))
     print(f"\n{args.model} ({n_all / 1e6:.1f}M params), {args.workers} workers, {device}, {args.dtype}\n")
-    print("| phase | backend | tokens/s | vs DDP | fit s | MFU (6N) |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| phase | backend | log_every | compute tokens/s | loop wall tokens/s | wall / compute | vs DDP (wall) | fit s | fixed s | MFU (6N) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         mfu = f"{100 * r['mfu_6n']:.1f}%" if r["mfu_6n"] is not None else "n/a (CPU)"
         ratio = f"{r['vs_ddp']:.2f}x" if r["vs_ddp"] else "-"
-        print(f"| {r['phase']} | {r['backend']} | {r['tokens_per_s']:,.0f} | {ratio} | {r['fit_s']:.1f} | {mfu} |")
+        print(f"| {r['phase']} | {r['backend']} | {r['log_every']} | {r['compute_tokens_per_s']:,.0f} | {r['wall_tokens_per_s']:,.0f} | "
+              f"{r['loop_wall_over_compute']:.2f} | {ratio} | {r['fit_s']:.1f} | {r['fixed_s']:.1f} | {mfu} |")
     shutil.rmtree(work / "runs", ignore_errors=True)  # Ray Train run dirs and checkpoints of the timed fits
     print(f"\nwrote {out_path}")
 
