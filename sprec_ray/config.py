@@ -24,8 +24,9 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    # A directory in SPRec format (train.json, valid.json, id2name.json, name2genre.json, ...),
-    # "bundled" for the small Goodreads-like set generated on the fly, or a path for the other formats.
+    # A directory in SPRec format (train.json, valid.json, id2name.json, name2genre.json, ...) or a
+    # path for the other formats; relative paths resolve from the cwd, else from the checkout root.
+    # "bundled" = the shipped data/goodreads sample; "synthetic" = a small generated set (tests).
     path: str = "bundled"
     format: Literal["sprec_json", "sdpo_json", "interactions"] = "sprec_json"
     train_file: str = "train.json"
