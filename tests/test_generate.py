@@ -6,6 +6,7 @@ pool (two engines, ~40-60 s to start on 2 cores) is one module-scoped fixture sh
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -151,6 +152,18 @@ def test_logprobs_and_probe_check_catch_the_wrong_adapter(hf, prompts, adapters,
     probe = run_probe(hf, prompts[:4], a, 1)
     ref_a = reference_token_logprobs(tiny_model_dir, a, probe.prompts, probe.completions, 512)
     assert compare_probe(probe, ref_a, 0.05) < 1e-4  # same weights, both fp32
+    # the merged adapter scores like plain transformers + unmerged peft
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(a)).eval()
+    ids = hf.tokenizer(probe.prompts[0] + probe.completions[0], return_tensors="pt")["input_ids"]
+    n = len(hf.tokenizer(probe.completions[0], add_special_tokens=False)["input_ids"])
+    with torch.no_grad():
+        logp = torch.log_softmax(plain(input_ids=ids).logits.float(), -1)[0, -n - 1:-1]
+    expected = logp.gather(1, ids[0, -n:, None])[:, 0].tolist()
+    assert max(abs(x - y) for x, y in zip(probe.token_logprobs[0], expected, strict=True)) < 1e-4
     ref_b = reference_token_logprobs(tiny_model_dir, b, probe.prompts, probe.completions, 512)
     with pytest.raises(AdapterMismatchError, match="not serving the expected adapter"):
         compare_probe(probe, ref_b, 0.05)
@@ -159,18 +172,26 @@ def test_logprobs_and_probe_check_catch_the_wrong_adapter(hf, prompts, adapters,
 # ---- the pool, hf backend (fast engines, real Ray actors) ------------------------------------------
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_hf_pool_keeps_order_and_survives_a_killed_actor(ray_session, tiny_model_dir, prompts, adapters, hf):
+def test_hf_pool_keeps_order_and_survives_a_killed_actor(ray_session, tiny_model_dir, prompts, adapters, hf, caplog):
+    import logging
+
     import ray
 
     a = adapters[0]
     expected = hf_by_shards(hf, prompts, a, 1)
     with GenerationPool(gen_cfg(max_actor_restarts=1), tiny_model_dir, 8, seed=0) as pool:
-        out = pool.generate(prompts, a, round_id=1)
+        with caplog.at_level(logging.INFO, logger="sprec_ray.generate.pool"):
+            out = pool.generate(prompts, a, round_id=1)
+        progress = [r.getMessage() for r in caplog.records if "prompts/s, ETA" in r.getMessage()]
+        assert len(progress) == 5 and progress[-1].startswith(f"round 1: {NUM_PROMPTS}/{NUM_PROMPTS} prompts")
         stats = pool.last_stats
         assert out == expected
         assert (stats.round_id, stats.prompts, stats.shards, stats.completions) == (1, NUM_PROMPTS, 5, NUM_PROMPTS)
         assert sorted(stats.shards_per_actor) == [0, 1] and stats.probe_diff < 1e-4
         assert stats.gen_tokens > 0 and stats.requeued == stats.replaced == 0
+        # each actor computes on its share of the cores, not on Ray's num_cpus=1 single thread
+        share = max(1, len(os.sched_getaffinity(0)) // 2)
+        assert [ray.get(x.cpu_settings.remote())["torch_threads"] for x in pool.actors] == [share, share]
 
         killed = []
 
@@ -194,6 +215,9 @@ def test_pool_fails_instead_of_hanging(ray_session, tiny_model_dir, prompts, ada
         GenerationPool(gen_cfg(num_actors=1, startup_timeout_s=0.01), tiny_model_dir, 8, 0)
     pool = GenerationPool(gen_cfg(num_actors=1, request_timeout_s=0.01, max_actor_restarts=1), tiny_model_dir, 8, 0)
     try:
+        import ray  # a lone actor gets every core
+
+        assert ray.get(pool.actors[0].cpu_settings.remote())["torch_threads"] == len(os.sched_getaffinity(0))
         start = time.monotonic()
         with pytest.raises(GenerationError, match="no generation actor left"):
             pool.generate(prompts, adapters[0], round_id=1)  # every switch/shard misses its 10 ms deadline
@@ -229,6 +253,11 @@ def test_vllm_pool_matches_transformers_greedy(vllm_pool, vllm_greedy_a, prompts
     assert (stats.round_id, stats.shards, stats.completions) == (1, 4, NUM_PROMPTS)
     assert sorted(stats.shards_per_actor) == [0, 1]
     assert stats.probe_diff < 1e-3  # fp32 engine vs fp32 transformers+peft
+    import ray  # the two engines split the cores and bind one OpenMP thread per core of their share
+
+    binds = [ray.get(x.cpu_settings.remote())["vllm_bind"] for x in vllm_pool.actors]
+    cores = sorted(os.sched_getaffinity(0))
+    assert sorted(c for b in binds for c in map(int, b.split(","))) == cores[: len(cores) // 2 * 2]
     base = vllm_pool.generate(prompts, None, round_id=0)
     assert base == hf_by_shards(hf, prompts, None, 0, size=6)
     assert base != vllm_greedy_a

@@ -55,6 +55,9 @@ def test_run_writes_every_phase_report_and_final_model(finished_run):
         assert (metrics["n_grounded"] == 0) == math.isnan(metrics["MGU@5"])
         assert metrics["n_rows"] == 12
     assert (out / "report.md").read_text().count("| r1 |") == 3  # one table per K
+    page = (out / "report.html").read_text()  # self-contained: rows per K, inline plots, every phase timed
+    assert page.count("<td>r1</td>") == 3 and page.count("data:image/png;base64,") == 3
+    assert all(f"<td>{p}</td>" in page for p in PHASES)
     assert (out / "rounds_at5.png").stat().st_size > 10_000
     negatives = json.loads((out / "manifests" / "r1_negatives.json").read_text())["metrics"]
     assert negatives["rows_kept"] + negatives["rows_dropped"] == negatives["rows"] == 24

@@ -13,7 +13,11 @@ from .readers import read_interactions, read_sdpo_json, read_sprec_json
 from .records import BadRows, DataError, Example
 from .synthetic import write_synthetic_sprec
 
-SHARED_GOODREADS = Path(__file__).resolve().parents[3] / "shared" / "data" / "goodreads"
+# The checkout that holds this package. scripts/install.sh installs editable (and jobs ship the repo
+# as working_dir), so the repo's data/ sits here; relative data paths fall back to it, which makes a
+# config work from any cwd.
+REPO_ROOT = Path(__file__).resolve().parents[2]
+GOODREADS_SAMPLE = REPO_ROOT / "data" / "goodreads"
 
 
 @dataclass(frozen=True)
@@ -30,18 +34,19 @@ def _sha256(path: Path) -> str:
 
 
 def resolve_data_path(cfg: DataConfig, scratch_dir: str | Path) -> Path:
-    """'bundled' -> the shared Goodreads sample when present, else a generated set in scratch_dir."""
-    if cfg.path != "bundled":
-        path = Path(cfg.path).expanduser()
-        if not path.exists():
-            raise DataError(f"data.path {path} does not exist")
-        return path
-    if (SHARED_GOODREADS / "train.json").exists():
-        return SHARED_GOODREADS
-    target = Path(scratch_dir) / "synthetic_goodreads"
-    if not (target / "train.json").exists():
-        write_synthetic_sprec(target)
-    return target
+    """'synthetic' -> a generated Goodreads-like set in scratch_dir (tests); 'bundled' -> the
+    shipped Goodreads sample; a relative path -> from the cwd, else from the checkout root."""
+    if cfg.path == "synthetic":
+        target = Path(scratch_dir) / "synthetic_goodreads"
+        if not (target / "train.json").exists():
+            write_synthetic_sprec(target)
+        return target
+    path = GOODREADS_SAMPLE if cfg.path == "bundled" else Path(cfg.path).expanduser()
+    if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
+        path = REPO_ROOT / path
+    if not path.exists():
+        raise DataError(f"data.path {cfg.path!r} does not exist (looked in {Path.cwd()} and {REPO_ROOT})")
+    return path.resolve()
 
 
 def _subsample(examples: list[Example], n: int, seed: int) -> list[Example]:

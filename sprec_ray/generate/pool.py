@@ -16,6 +16,7 @@ each actor that switches to it must pass the probe check (adapter_check.py) befo
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -32,7 +33,7 @@ import numpy as np
 from ..config import GenerationConfig
 from ..runtime import worker_env
 from .adapter_check import ProbeResult, compare_probe, reference_token_logprobs, run_probe
-from .backends import Decoding, adapter_path, check_decoding, make_backend
+from .backends import Decoding, adapter_path, check_decoding, make_backend, resolve_backend
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +87,21 @@ class GenerationActor:
     """Holds one engine; runs in its own Ray actor process (wrapped with ray.remote by the pool)."""
 
     def __init__(self, cfg: GenerationConfig, base_model: str, max_lora_rank: int, seed: int) -> None:
+        threads = int(os.environ.get("OMP_NUM_THREADS", "0"))
+        if threads > 0 and cfg.gpus_per_actor == 0:  # the pool's share of cores, not Ray's num_cpus
+            import torch
+
+            torch.set_num_threads(threads)
         self.backend = make_backend(cfg, base_model, max_lora_rank, seed)
 
     def ready(self) -> int:
         return os.getpid()
+
+    def cpu_settings(self) -> dict[str, Any]:
+        import torch
+
+        return {"torch_threads": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS"),
+                "vllm_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND")}
 
     def switch(self, adapter_dir: str | None, adapter_id: int, probe_prompts: list[str]) -> ProbeResult | None:
         self.backend.reclaim()
@@ -169,6 +181,7 @@ class GenerationPool:
         import ray
 
         _check_pool_config(cfg)
+        cfg = dataclasses.replace(cfg, backend=resolve_backend(cfg))  # "auto" decided once, here
         if base_model is None or not (Path(base_model) / "config.json").exists():
             raise FileNotFoundError(f"base_model {base_model!r} is not a checkpoint dir with config.json")
         self.cfg = cfg
@@ -204,15 +217,22 @@ class GenerationPool:
 
     # ---- actors ------------------------------------------------------------------------------
     def _actor_env(self, index: int) -> dict[str, str]:
+        """CPU actors split this node's cores evenly and each engine runs one thread per core of its
+        share: Ray would set OMP_NUM_THREADS=num_cpus (1), and vLLM's auto binding keeps one core of
+        two for its scheduler, which left the engine on one core of the reference machine."""
         env = dict(worker_env())
         cfg = self.cfg
-        if cfg.gpus_per_actor == 0 and cfg.backend == "vllm":
+        if cfg.gpus_per_actor > 0:
+            return env
+        cores = sorted(os.sched_getaffinity(0))
+        per = max(1, len(cores) // cfg.num_actors)
+        mine = cores[(index * per) % len(cores):][:per]
+        env["OMP_NUM_THREADS"] = str(len(mine))
+        if cfg.backend == "vllm":
             env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_gib)
-            # vLLM binds its OpenMP threads to cores; without a split every engine picks the same ones
-            cores = sorted(os.sched_getaffinity(0))
-            per = len(cores) // cfg.num_actors
-            if cfg.num_actors > 1 and per >= 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-                env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in cores[index * per:(index + 1) * per])
+            env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND",
+                                                              ",".join(str(c) for c in mine))
+            env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         return env
 
     def _start(self, slot: _Slot) -> None:
@@ -365,10 +385,20 @@ class GenerationPool:
                 slot.inflight -= 1
                 self._accept(value, task, round_id, adapter_id, dec.n, bounds, results, stats)
                 done += 1
+                self._log_progress(round_id, results, len(prompts), start + stats.switch_s)
                 if progress is not None:
                     progress(done, len(bounds))
         stats.wall_s = time.perf_counter() - start
         return results  # type: ignore[return-value]
+
+    @staticmethod
+    def _log_progress(round_id: int, results: list[ShardResult | None], total: int, gen_start: float) -> None:
+        """'prompts done / total, rate, ETA' after every shard: a CPU round takes minutes."""
+        prompts_done = sum(len(r.texts) for r in results if r is not None)
+        elapsed = max(time.perf_counter() - gen_start, 1e-9)
+        rate = prompts_done / elapsed
+        eta = (total - prompts_done) / rate if rate > 0 else float("nan")
+        log.info("round %d: %d/%d prompts, %.2f prompts/s, ETA %.0fs", round_id, prompts_done, total, rate, eta)
 
     def _dispatch(self, queue: deque[int], bounds: list[tuple[int, int]], prompts: list[str], key: tuple,
                   adapter_id: int, dec: Decoding) -> None:

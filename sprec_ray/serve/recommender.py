@@ -22,6 +22,7 @@ from ..config import GenerationConfig, RunConfig, load_config
 from ..data.catalogue import Catalogue
 from ..data.prompts import parse_response, render_prompt
 from ..eval.grounding import normalise_title
+from ..generate.backends import resolve_backend
 from .schema import RecommendRequest, RequestError
 
 log = logging.getLogger("sprec_ray.serve")
@@ -82,7 +83,8 @@ def _check_remote_code(base: Path, trust_remote_code: bool) -> None:
 
 
 def serving_generation(cfg: GenerationConfig) -> GenerationConfig:
-    """vLLM where configured and installed, else the transformers backend."""
+    """vLLM where configured (or "auto" with GPUs) and installed, else the transformers backend."""
+    cfg = dataclasses.replace(cfg, backend=resolve_backend(cfg))
     if cfg.backend == "vllm" and importlib.util.find_spec("vllm") is None:
         log.warning("generation.backend=vllm but vllm is not installed: serving with the hf backend")
         return dataclasses.replace(cfg, backend="hf")

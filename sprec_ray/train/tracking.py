@@ -1,16 +1,22 @@
 """Per-step progress on rank 0: a log line always, plus TensorBoard / W&B / MLflow when configured.
 
-TensorBoard goes through tensorboardX (shipped with ray[train]); W&B and MLflow go through Ray's own
-integrations (`setup_wandb`, `setup_mlflow`) and need their packages installed, which
-`check_logger_available` verifies on the driver before any worker starts.
+Each training phase is one tracked run named after the phase (r0_sft, r1_dpo, ...); the driver adds a
+run "rounds" with the per-round validation metrics (`log_rounds`). Where they land by default, all
+under the run's output_dir: TensorBoard event files in tensorboard/<phase>; W&B in wandb/ (online
+or offline as WANDB_MODE says); MLflow in a local file store mlruns/ unless MLFLOW_TRACKING_URI
+names a server. W&B and MLflow need their packages (`pip install -e .[dev]`); `check_logger_available`
+verifies that on the driver before any worker starts.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import math
+import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +46,21 @@ def format_line(name: str, step: int, total: int, metrics: dict[str, float], eta
     return f"[{name}] step {step}/{total} epoch {int(metrics.get('epoch', 0))} {body}{eta}"
 
 
+def metric_name(key: str) -> str:
+    """MLflow refuses '@' in names; every backend gets the same name (NDCG@5 -> NDCG_at5)."""
+    return key.replace("@", "_at")
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = str(value)[:500]
+    return out
+
+
 class Tracker:
     def __init__(self, rank: int, logger: str, log_dir: Path, name: str, config: dict[str, Any]):
         self.active = rank == 0
@@ -49,19 +70,37 @@ class Tracker:
         self._kind = logger
         if not self.active or logger == "none":
             return
+        # log_dir is <output_dir>/tensorboard/<name>, made absolute on the driver (workers run elsewhere)
+        run_dir = log_dir.parent.parent
+        experiment = str(config.get("name") or "sprec-ray")
         if logger == "tensorboard":
             from tensorboardX import SummaryWriter
 
             log_dir.mkdir(parents=True, exist_ok=True)
             self._sink = SummaryWriter(logdir=str(log_dir))
         elif logger == "wandb":
-            from ray.air.integrations.wandb import setup_wandb
+            import wandb
 
-            self._sink = setup_wandb(config=config, project=name, rank_zero_only=True)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self._sink = wandb.init(project=os.environ.get("WANDB_PROJECT", "sprec-ray"), group=experiment, name=name,
+                                    dir=str(run_dir), config=config, reinit="create_new")
         elif logger == "mlflow":
-            from ray.air.integrations.mlflow import setup_mlflow
+            from mlflow.tracking import MlflowClient
 
-            self._sink = setup_mlflow(config=config, experiment_name=name, rank_zero_only=True)
+            uri = os.environ.get("MLFLOW_TRACKING_URI") or (run_dir / "mlruns").as_uri()
+            if uri.startswith("file:"):  # MLflow 3 keeps the file store behind this opt-in
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            client = MlflowClient(uri)
+            found = client.get_experiment_by_name(experiment)
+            exp_id = found.experiment_id if found else client.create_experiment(experiment)
+            self._run_id = client.create_run(exp_id, run_name=name).info.run_id
+            params = _flatten(config)
+            keys = sorted(params)
+            from mlflow.entities import Param
+
+            for i in range(0, len(keys), 100):  # MLflow takes at most 100 params per batch
+                client.log_batch(self._run_id, params=[Param(k, params[k]) for k in keys[i:i + 100]])
+            self._sink = client
 
     def log(self, step: int, total: int, metrics: dict[str, float]) -> None:
         if not self.active:
@@ -71,19 +110,44 @@ class Tracker:
             self._started = (now - metrics.get("wall_s", 0.0), step - 1)
         t0, s0 = self._started
         progress(format_line(self.name, step, total, metrics, (now - t0) / (step - s0) * (total - step)))
-        if self._sink is None:
+        self.log_metrics(step, metrics, "train")
+
+    def log_metrics(self, step: int, metrics: dict[str, float], prefix: str) -> None:
+        """`prefix/<metric>` at `step` in the configured backend; non-finite values are skipped."""
+        if not self.active or self._sink is None:
             return
+        named = {f"{prefix}/{metric_name(k)}": float(v) for k, v in metrics.items()
+                 if isinstance(v, int | float) and math.isfinite(v)}
         if self._kind == "tensorboard":
-            for key, value in metrics.items():
-                self._sink.add_scalar(f"train/{key}", value, step)
+            for key, value in named.items():
+                self._sink.add_scalar(key, value, step)
             self._sink.flush()
         elif self._kind == "wandb":
-            self._sink.log(metrics, step=step)
+            self._sink.log(named, step=step)
         elif self._kind == "mlflow":
-            self._sink.log_metrics(metrics, step=step)
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            self._sink.log_batch(self._run_id, metrics=[Metric(k, v, now, step) for k, v in named.items()])
 
     def close(self) -> None:
         if self._sink is not None and self._kind == "tensorboard":
             self._sink.close()
         elif self._sink is not None and self._kind == "wandb":
             self._sink.finish()
+        elif self._sink is not None and self._kind == "mlflow":
+            self._sink.set_terminated(self._run_id)
+        self._sink = None
+
+
+def log_rounds(logger: str, config: dict[str, Any], rounds: Sequence[tuple[str, dict[str, float]]]) -> None:
+    """The driver's per-round validation metrics as one tracked run "rounds", step = round index."""
+    if logger == "none":
+        return
+    log_dir = Path(str(config.get("output_dir", "."))).resolve() / "tensorboard" / "rounds"
+    tracker = Tracker(0, logger, log_dir, "rounds", config)
+    try:
+        for step, (_label, metrics) in enumerate(rounds):
+            tracker.log_metrics(step, metrics, "round")
+    finally:
+        tracker.close()
