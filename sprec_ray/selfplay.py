@@ -281,13 +281,27 @@ class SelfPlayDriver:
             negatives, neg_stats = build_negatives(rows, completions, self.data.catalogue, self.grounder, k,
                                                    self.cfg.seed + r, dpo.negative_source, dpo.on_equal_positive)
             ids, texts = [list(n.ids) for n in negatives], [list(n.texts) for n in negatives]
-            stats = {**neg_stats.metrics(), **timing}
+            stats = {**neg_stats.metrics(), **timing, "rows_too_long": float(self._drop_over_long(ids, texts))}
         path = self.run_dir / f"r{r}" / "negatives.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
         # ids (-1 = generated text that is no catalogue title) and the rejected texts; [] = row dropped
         pq.write_table(pa.table({"row_id": [e.row_id for e in rows], "negatives": ids, "rejected_text": texts},
                                 schema=NEGATIVES_SCHEMA), path)
         return {"negatives": str(path)}, stats
+
+    def _drop_over_long(self, ids: list[list[int]], texts: list[list[str]]) -> int:
+        """Drop (in place) rows with a generated text longer than model.max_response_len once tokenised:
+        decoded bytes can re-tokenise into more tokens than were sampled, and responses are never cut."""
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(self.base_model))
+        limit = self.cfg.model.max_response_len - 1  # EOS is appended in training
+        dropped = 0
+        for i, row in enumerate(texts):
+            if row and any(len(tokenizer(render_response(t), add_special_tokens=False)["input_ids"]) > limit for t in row):
+                ids[i], texts[i] = [], []
+                dropped += 1
+        return dropped
 
     def _dpo_dataset(self, r: int, negatives: PhaseRecord) -> tuple[Any, int]:
         """The round's preference pairs as a prompt dataset, and how many rows kept a negative."""

@@ -62,7 +62,7 @@ def test_run_writes_every_phase_report_and_final_model(finished_run):
     negatives = json.loads((out / "manifests" / "r1_negatives.json").read_text())["metrics"]
     assert negatives["rows_kept"] + negatives["rows_dropped"] == negatives["rows"] == 24
     assert negatives["negatives"] == negatives["rows_kept"] > 0  # K = 1: one rejected response per kept row
-    assert manifest["metrics"]["pairs"] == negatives["rows_kept"]
+    assert manifest["metrics"]["pairs"] == negatives["rows_kept"] - negatives["rows_too_long"]
     # the model's own texts reach the DPO shards verbatim, for exactly the kept rows
     table = pq.read_table(out / "r1" / "negatives.parquet").to_pydict()
     kept = {row: texts for row, texts in zip(table["row_id"], table["rejected_text"], strict=True) if texts}
