@@ -7,7 +7,7 @@ from sprec_ray.config import ConfigError, RunConfig, load_config, save_config
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.mark.parametrize("name", ["tiny.yaml", "default.yaml"])
+@pytest.mark.parametrize("name", ["tiny.yaml", "default.yaml", "gpu_single.yaml"])
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIGS / name)
     assert isinstance(cfg, RunConfig) and len(cfg.digest()) == 16
@@ -42,6 +42,10 @@ def test_save_then_load_round_trips(tmp_path):
     (["data=3"], r"data must be a mapping"),
     (["eval.ks=[0, 5]"], r"eval.ks must all be >= 1"),
     (["selfplay.rounds"], r"must look like section.key=value"),
+    (["train.log_every=0"], r"train.log_every must be >= 1, got 0"),
+    (["dpo.lora_dropout=1.0"], r"dpo.lora_dropout must be in \[0, 1\), got 1.0"),
+    (["train.max_tokens_per_batch=-5"], r"train.max_tokens_per_batch must be >= 0"),
+    (["model.attn_implementation=flash"], r"model.attn_implementation = 'flash' is not allowed"),
 ])
 def test_bad_config_names_the_key(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -366,3 +366,19 @@ def test_vllm_pool_on_gpu_bf16_passes_the_default_probe_tolerance(ray_session, t
     with GenerationPool(cfg, tiny_model_dir, max_lora_rank=8, seed=0) as pool:
         out = pool.generate(prompts, adapters[0], round_id=1)
         assert len(out) == NUM_PROMPTS and pool.last_stats.probe_diff <= cfg.probe_tolerance
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_cuda(), reason="needs a CUDA GPU")
+def test_hf_engine_releases_the_gpu_for_training_and_takes_it_back(tiny_model_dir, prompts, adapters):
+    import torch
+
+    from sprec_ray.generate.hf_backend import HFBackend
+
+    engine = HFBackend(gen_cfg(release_while_training=True), tiny_model_dir, seed=0)
+    before = engine.generate(prompts[:4], adapters[0], 1)
+    held = torch.cuda.memory_allocated()
+    engine.release()
+    assert torch.cuda.memory_allocated() < held  # the weights left the GPU while a fit would run
+    engine.reclaim()
+    assert engine.generate(prompts[:4], adapters[0], 1) == before

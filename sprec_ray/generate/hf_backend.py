@@ -57,7 +57,8 @@ class HFBackend(GenerationBackend):
         import torch
 
         if self._pristine is None:
-            self._pristine = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+            # in host memory: `release` must leave nothing on a GPU the trainer is about to use
+            self._pristine = {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters()}
         elif self._active is not None:
             with torch.no_grad():
                 for name, param in self.model.named_parameters():
