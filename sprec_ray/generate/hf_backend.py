@@ -1,9 +1,9 @@
 """transformers `generate` + peft behind the GenerationBackend interface (SPRec's own approach).
 
-Batched with left padding. A round's adapter is merged into the weights (LoRA's extra matmuls per
-projection cost ~30% of CPU generation time on SmolLM2); switching adapters first restores the
-pristine base weights kept aside, so merges never accumulate rounding and the base files are read
-once. Also the reference for the vLLM adapter check: `token_logprobs` in float32 is what the
+Batched with left padding. In float32 a round's adapter is merged into the weights (LoRA's extra
+matmuls per projection cost ~30% of CPU generation time on SmolLM2); switching adapters first
+restores the pristine base weights kept aside, so merges never accumulate rounding and the base
+files are read once. In bf16/fp16 the adapter stays unmerged (a merge would round it away). Also the reference for the vLLM adapter check: `token_logprobs` in float32 is what the
 engine's log-probs are compared with.
 """
 
@@ -56,6 +56,18 @@ class HFBackend(GenerationBackend):
             return
         import torch
 
+        if self.model.dtype != torch.float32:
+            # Unmerged in 16-bit: a trained LoRA delta is mostly below a bf16 weight's rounding step,
+            # so merging would serve a different model (the adapter probe sees |delta log p| ~0.15).
+            from peft import PeftModel
+
+            if isinstance(self.model, PeftModel):
+                self.model = self.model.unload()  # drop the previous LoRA layers, base weights untouched
+            self._active = None
+            if path is not None:
+                self.model = PeftModel.from_pretrained(self.model, str(path)).eval()
+                self._active = wanted
+            return
         if self._pristine is None:
             # in host memory: `release` must leave nothing on a GPU the trainer is about to use
             self._pristine = {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters()}
