@@ -42,7 +42,8 @@ def main() -> None:
     total: float | None = None  # whole run incl. warm start; unknown for --run-dir
     if args.run_dir:
         run_dir, r = Path(args.run_dir), args.round
-        args.model = load_config(run_dir / "config.yaml").model.name
+        run_cfg = load_config(run_dir / "config.yaml")
+        args.model, args.backend = run_cfg.model.name, run_cfg.generation.backend
     else:
         from sprec_ray.selfplay import run_selfplay
 
