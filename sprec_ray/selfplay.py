@@ -1,10 +1,10 @@
 """The SPRec self-play driver.
 
 warm-start SFT, then per round r:
-  one generation pass with round r-1's model (vLLM pool, one adapter switch): evaluate round r-1 on
-  valid + generate round r's negatives (by default the model's own title texts, generate/negatives.py) -> one training fit: SFT on the real next items, then DPO /
-  S-DPO against those negatives (reference = this round's SFT weights); after the last round,
-  evaluate it.
+  one generation pass with round r-1's model (generation pool, one adapter switch): evaluate round
+  r-1 on valid + generate round r's negatives (by default the model's own title texts, see
+  generate/negatives.py) -> one training fit: SFT on the real next items, then DPO / S-DPO against
+  those negatives (reference = this round's SFT weights); after the last round, evaluate it.
 Every phase (r1_negatives, r1_sft, r1_dpo, r1_eval, ...) is idempotent and leaves a manifest;
 `resume=True` skips finished phases, and an interrupted fit picks up from its last Ray Train
 checkpoint, at stage granularity.
@@ -186,8 +186,8 @@ class SelfPlayDriver:
             # greedy whatever generation.decoding says: sampled / beam decoding is for S-DPO's negatives
             greedy = Decoding("greedy", 1, max_new_tokens=self.cfg.generation.max_new_tokens)
             groups = {f"r{r}_eval": (self._prompts(self.data.valid), greedy)}
+            rows = self._round_rows(negatives_for) if negatives_for is not None else []
             if negatives_for is not None and self.cfg.selfplay.method == "sprec":
-                rows = self._round_rows(negatives_for)
                 groups[f"r{negatives_for}_negatives"] = (self._prompts(rows), Decoding.from_config(self.cfg.generation))
             wanted = [n for n in todo if n in groups]
             generated = dict(zip(wanted, self.generate([groups[n] for n in wanted], adapter, adapter_id=r + 1),
@@ -198,7 +198,7 @@ class SelfPlayDriver:
                 if name.endswith("_eval"):
                     outputs, metrics = self._evaluate(r, *generated[name])
                 else:
-                    outputs, metrics = self._negatives(negatives_for, self._round_rows(negatives_for), generated.get(name))
+                    outputs, metrics = self._negatives(negatives_for, rows, generated.get(name))
                 gen_s = metrics.get("generate_s", 0.0) + metrics.get("adapter_switch_s", 0.0) + metrics.get("actor_startup_s", 0.0)
                 out[name] = (outputs, metrics, time.perf_counter() - t + gen_s)
             log.info("generation pass r%d: %.1fs for %s", r, time.perf_counter() - start, " + ".join(todo))

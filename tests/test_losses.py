@@ -296,3 +296,18 @@ def test_summarize_means_over_steps_and_skips_the_first_step_for_throughput():
     for h, wall in zip(history, (11.0, 1.5, 2.5), strict=True):  # reports and logging between steps
         h["wall_s"] = wall
     assert summarize(history, {})["wall_tokens_per_s"] == 100.0
+
+
+def test_bad_fit_setups_fail_before_any_worker_starts(tiny_model_dir, tmp_path):
+    import importlib.util
+
+    from sprec_ray.config import LoraConfig, load_config
+    from sprec_ray.train.engine import build_policy
+    from sprec_ray.train.phases import Stage, run_fit
+
+    with pytest.raises(ValueError, match=r"distinct stage names, got \['r1', 'r1'\]"):
+        run_fit(load_config(None), tiny_model_dir, [Stage("sft", "r1", None, tmp_path), Stage("dpo", "r1", None, tmp_path)],
+                None, "dup")
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(ImportError, match="flash_attention_2 needs the flash-attn package"):
+            build_policy(tiny_model_dir, LoraConfig(), None, "float32", 0, attn_implementation="flash_attention_2")

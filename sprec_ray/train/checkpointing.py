@@ -41,7 +41,6 @@ class TrainerState:
     done: bool = False  # the current stage finished (its adapter is also under stages/)
     restored_from: int = 0  # the step of the checkpoint this attempt resumed the stage from (0 = fresh start)
     history: list[dict[str, float]] = field(default_factory=list)
-    timing: dict[str, float] = field(default_factory=dict)  # the current stage's setup / loop seconds
     finished: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {phase, history, timing, restored_from}
 
     def to_json(self) -> str:
@@ -123,9 +122,3 @@ def read_state(checkpoint: Any) -> TrainerState:
     with checkpoint.as_directory() as raw:
         return TrainerState.from_json((Path(raw) / STATE_FILE).read_text())
 
-
-def stage_history(state: TrainerState, stage: str) -> list[dict[str, float]]:
-    """Per-step metrics of a stage, finished or current."""
-    if stage in state.finished:
-        return state.finished[stage]["history"]
-    return state.history if state.name == stage else []

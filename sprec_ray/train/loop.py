@@ -38,6 +38,7 @@ from .batching import (
     split_to_count,
 )
 from .checkpointing import AdapterFiles, TrainerState, load_engine_state, read_checkpoint, write_checkpoint
+from .engine import build_engine, set_lora_dropout
 from .tracking import Tracker, progress
 
 # test-only: "rank:step:marker_file" or "rank:stage:step:marker_file" -> that rank exits once after `step`
@@ -190,8 +191,6 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train
     from transformers import AutoTokenizer
 
-    from .engine import build_engine, set_lora_dropout
-
     cfg = spec.cfg
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -220,13 +219,12 @@ def train_loop(config: dict[str, Any]) -> None:
                      f"{' (done)' if restored.done else ''} from {checkpoint.path}")
     summaries = dict(restored.finished) if restored else {}
     staging = Path(spec.staging_dir) / f"rank{rank}"  # per rank: ranks share a node's /tmp
-    last: tuple[TrainerState, dict[str, float]] | None = None
     for index in range(first, len(spec.stages)):
         stage = spec.stages[index]
         resume = restored if restored is not None and not restored.done and restored.name == stage.name else None
-        last = _run_stage(spec, stage, index, engine, encoder, pad_id, rank, world, device, resume, checkpoint,
-                          summaries, finished, staging, setup_s if index == first else 0.0, set_lora_dropout)
-    if last is None and restored is not None:  # every stage had finished: report the last checkpoint again
+        _run_stage(spec, stage, index, engine, encoder, pad_id, rank, world, device, resume, checkpoint,
+                   summaries, finished, staging, setup_s if index == first else 0.0)
+    if restored is not None and first == len(spec.stages):  # every stage had finished: report its checkpoint again
         _report(engine, restored, dict(restored.history[-1]) if restored.history else {}, rank, staging, True, finished)
     if _distributed():
         shutil.rmtree(staging, ignore_errors=True)  # every staged checkpoint is in run storage by now
@@ -242,7 +240,7 @@ def _load_finished(engine: Any, files: AdapterFiles) -> None:
 def _run_stage(spec: FitSpec, stage: StageSpec, index: int, engine: Any, encoder: Encoder, pad_id: int, rank: int,
                world: int, device: torch.device, resume: TrainerState | None, checkpoint: Any,
                summaries: dict[str, dict[str, Any]], finished: dict[str, AdapterFiles], staging: Path,
-               setup_s: float, set_lora_dropout: Any) -> tuple[TrainerState, dict[str, float]]:
+               setup_s: float) -> None:
     import ray.train
 
     from .objectives import PreferenceObjective, SFTObjective
@@ -319,7 +317,7 @@ def _run_stage(spec: FitSpec, stage: StageSpec, index: int, engine: Any, encoder
         checkpoint_due = last_step or state.step % cfg.train.checkpoint_every == 0
         if last_step:
             marks["loop_s"] = time.perf_counter() - loop_start
-            state.done, state.timing = True, marks
+            state.done = True
             summaries[stage.name] = {"phase": stage.phase, "history": state.history, "timing": marks,
                                      "restored_from": state.restored_from}
         if checkpoint_due or state.step % cfg.train.log_every == 0:
@@ -329,7 +327,6 @@ def _run_stage(spec: FitSpec, stage: StageSpec, index: int, engine: Any, encoder
             window = []
         _maybe_fault(spec, stage.name, rank, state.step)
     tracker.close()
-    return state, marks
 
 
 def _report(engine: Any, state: TrainerState, metrics: dict[str, float], rank: int, staging: Path,

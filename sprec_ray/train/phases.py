@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ..config import ConfigError, RunConfig
 from ..data.records import DataError
-from .checkpointing import export_adapter, read_state, stage_history
+from .checkpointing import export_adapter, read_state
 from .loop import FAULT_ENV, FitSpec, StageSpec, train_loop
 from .tracking import check_logger_available
 
@@ -152,7 +152,7 @@ def run_fit(cfg: RunConfig, base_model: Path, stages: Sequence[Stage], init_adap
         done = state.finished.get(s.name)
         if done is None:
             raise RuntimeError(f"fit {name!r} ended without finishing stage {s.name!r}")
-        metrics = summarize(stage_history(state, s.name), done["timing"], done["restored_from"])
+        metrics = summarize(done["history"], done["timing"], done["restored_from"])
         metrics["fit_s"] = fit_s
         out[s.name] = PhaseResult(export_adapter(result.checkpoint, s.out_dir, s.name), metrics, result.checkpoint.path)
     return out
