@@ -269,8 +269,6 @@ def _run_stage(spec: FitSpec, stage: StageSpec, index: int, engine: Any, encoder
     rows = rows[:common]
     marks["data_s"] = time.perf_counter() - t
 
-    # Per stage, so a stage resumed in a new worker group draws the same dropout masks.
-    torch.manual_seed(cfg.seed + 1000 * rank + index)
     set_lora_dropout(engine.peft_model, cfg.lora.dropout if stage.phase == "sft" else cfg.dpo.lora_dropout)
     engine.reset_optimizer()
     objective = (SFTObjective if stage.phase == "sft" else PreferenceObjective)(cfg, rows, pad_id, device)
@@ -299,6 +297,8 @@ def _run_stage(spec: FitSpec, stage: StageSpec, index: int, engine: Any, encoder
     engine.train(True)
     while state.step < plan.total:
         micro = plan.step(state.step)
+        # Per step, so a run resumed mid-stage in a new worker group draws the same dropout masks.
+        torch.manual_seed(hash((cfg.seed, rank, index, state.step)) % 2**63)
         lr = lr_at(state.step, plan.total, h.warmup_steps, h.lr)
         engine.set_lr(lr)
         start = time.perf_counter()
