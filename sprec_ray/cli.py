@@ -21,12 +21,16 @@ def _config(args: argparse.Namespace) -> RunConfig:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    from .data.dataset import load_dataset
+    """Build the run's example shards (reused by `train` on the same config) and print the counts."""
+    from .data.prepared import prepare_dataset
+    from .runtime import init_ray
 
     cfg = _config(args)
-    data = load_dataset(cfg.data, Path(cfg.output_dir) / "scratch", seed=cfg.seed)
-    print(json.dumps({"items": len(data.catalogue), "train": len(data.train), "valid": len(data.valid),
-                      "bad_rows": [b.summary() for b in data.bad], "files": data.source_hashes}, indent=2))
+    init_ray(cfg.ray_address, cfg.ray_num_cpus)
+    out = Path(cfg.output_dir).resolve()
+    data = prepare_dataset(cfg.data, out / "data" / "prepared", out / "scratch", seed=cfg.seed)
+    print(json.dumps({"items": len(data.catalogue), **data.counts, "bad_rows": data.bad_rows,
+                      "prepared": str(data.root), "files": data.source_hashes}, indent=2))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
