@@ -12,6 +12,7 @@ The driver only ever holds the catalogue keys, counts and per-item popularity.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -267,6 +268,7 @@ def run_pipeline(path: str, out: str | Path, item_keys: pa.Array | None, max_his
     num_buckets = max(num_shards, math.ceil(len(pieces) * ROWS_PER_PIECE / ROWS_PER_BUCKET))
     keys_ref = ray.put(item_keys) if item_keys is not None else None
     stage1 = ray.remote(num_cpus=0.5)(partition_piece)
+    clock = time.perf_counter()
     parts = ray.get([stage1.remote(i, p, keys_ref, num_buckets, out) for i, p in enumerate(pieces)])
     bad: dict[str, int] = {}
     for p in parts:
@@ -285,6 +287,8 @@ def run_pipeline(path: str, out: str | Path, item_keys: pa.Array | None, max_his
         file_rows[p["file_index"]] = max(file_rows[p["file_index"]], p["end_row"])
     offsets = np.r_[0, np.cumsum(file_rows)[:-1]]
     buckets = [str(Path(out, "_buckets", f"b{b:05d}")) for b in range(num_buckets)]
+    seconds = {"partition_s": time.perf_counter() - clock}
+    clock = time.perf_counter()
     keys_ref = ray.put(item_keys)
     alive, rounds = None, 0
     if k_core > 0:
@@ -297,6 +301,8 @@ def run_pipeline(path: str, out: str | Path, item_keys: pa.Array | None, max_his
             if np.array_equal(now, alive):
                 break
             alive = now
+    seconds["kcore_s"] = time.perf_counter() - clock
+    clock = time.perf_counter()
     kept = alive if alive is not None else np.ones(len(item_keys), bool)
     if from_log:  # the catalogue is the items that survive; ids follow their sorted keys
         remap = np.where(kept, np.cumsum(kept) - 1, -1)
@@ -306,6 +312,7 @@ def run_pipeline(path: str, out: str | Path, item_keys: pa.Array | None, max_his
     stage3 = ray.remote(num_cpus=0.5)(sequence_bucket)
     done = ray.get([stage3.remote(b, d, keys_ref, alive, k_core, remap, offsets, max_history, len(catalogue_keys), out)
                     for b, d in enumerate(buckets)])
+    seconds["sequence_s"] = time.perf_counter() - clock
     good = sum(p["rows"] for p in parts) - sum(bad.values())
     sequenced = sum(d["rows"] for d in done)
     return {"catalogue_keys": catalogue_keys,
@@ -313,5 +320,5 @@ def run_pipeline(path: str, out: str | Path, item_keys: pa.Array | None, max_his
             "counts": {s: sum(d["counts"][s] for d in done) for s in SPLITS},
             "rows": sum(p["rows"] for p in parts), "bad_rows": bad, "kcore_dropped_rows": good - sequenced,
             "kcore_rounds": rounds, "users": sum(d["users"] for d in done), "pieces": len(pieces),
-            "buckets": num_buckets}
+            "buckets": num_buckets, "seconds": {k: round(v, 3) for k, v in seconds.items()}}
 
