@@ -118,6 +118,7 @@ def test_json_formats_go_through_the_same_shards_and_samples_are_seeded(tiny_dat
     picked = data.rows("train", 20, seed=1)
     assert len(picked) == 20 and picked == sample_examples(data.split_dir("train"), 20, 1) and set(picked) <= set(rows)
     assert picked != data.rows("train", 20, seed=2)
+    assert data.head("train", 7) == examples_from_table(pq.read_table(sorted(data.split_dir("train").glob("*.parquet"))[0]))[:7]
 
 
 @pytest.mark.timeout(180)

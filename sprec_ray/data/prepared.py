@@ -49,11 +49,13 @@ class PreparedData:
         return sample_examples(self.split_dir(split), n, seed)
 
     def head(self, split: str, n: int) -> list[Example]:
+        """The first n examples of a split, reading no more of the shards than that."""
         rows: list[Example] = []
         for f in _parts(self.split_dir(split)):
-            rows += examples_from_table(pq.read_table(f))[: n - len(rows)]
-            if len(rows) >= n:
-                break
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=max(1, n - len(rows))):
+                rows += examples_from_table(pa.Table.from_batches([batch]))[: n - len(rows)]
+                if len(rows) >= n:
+                    return rows
         return rows
 
 
