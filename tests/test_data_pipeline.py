@@ -129,3 +129,16 @@ def test_prompts_from_the_shards_with_two_ray_data_workers(tmp_path, ray_session
     rows = prompt_dataset(data.split_dir("train"), data.catalogue, "books", max_workers=2).take_all()
     assert sorted(r["row_id"] for r in rows) == [e.row_id for e in _all(data, "train")]
     assert all(r["prompt"].endswith("### Response:\n") for r in rows)
+
+
+@pytest.mark.timeout(120)
+def test_cli_prepare_prints_counts_and_train_reuses_the_shards(tiny_data_dir, tmp_path, ray_session, capsys):
+    import json
+
+    from sprec_ray.cli import main
+
+    assert main(["prepare", f"output_dir={tmp_path / 'run'}", f"data.path={tiny_data_dir}", "data.train_samples=30"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["train"] == 30 and printed["bad_rows"] == {} and printed["items"] == 84
+    manifest = json.loads((tmp_path / "run" / "data" / "prepared" / "manifest.json").read_text())
+    assert manifest["counts"]["train"] == 30 and manifest["source_hashes"]
