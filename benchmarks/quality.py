@@ -95,7 +95,7 @@ def main() -> None:
         return run_dir, results, seconds
 
     sft_dir, sft_results, sft_s = run("sft", args.seeds[0], [])
-    warm_start = json.loads((sft_dir / "final.json").read_text())["adapter"]
+    warm_start = str(sft_dir / json.loads((sft_dir / "final.json").read_text())["adapter"])
     timings: dict[str, float] = {"sft": sft_s}
     per_seed: dict[int, list[tuple[str, dict[str, float]]]] = {}
     negatives: dict[str, list[dict[str, float]]] = {}

@@ -46,6 +46,7 @@ def build_tiny_run(root: Path, sft_steps: int = 80) -> Path:
     """A run dir like the self-play driver writes (config.yaml + final.json) around a tiny model that a
     short SFT taught the response format, so requests really exercise generation *and* grounding
     (a random-init model writes no title and every request would take the popularity fallback)."""
+    from sprec_ray.artefacts import write_catalogue
     from sprec_ray.config import load_config, save_config
     from sprec_ray.data.dataset import load_dataset
     from sprec_ray.data.prompts import render_prompt, render_response
@@ -65,6 +66,7 @@ def build_tiny_run(root: Path, sft_steps: int = 80) -> Path:
     run.mkdir(parents=True)
     save_config(cfg, run / "config.yaml")
     (run / "final.json").write_text(json.dumps({"base_model": str(model), "adapter": None, "round": 0}))
+    write_catalogue(run, data.catalogue, cfg.eval.embedder)
     return run
 
 

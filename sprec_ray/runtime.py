@@ -11,16 +11,16 @@ import ray
 # Set by Ray's job supervisor on a submitted job's driver: the job config as JSON.
 RAY_JOB_CONFIG_JSON_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
-# Quiet, CPU-safe defaults; a value the user already set always wins.
+# Quiet, CPU-safe defaults; a value the user already set always wins. No paths: a path of the
+# driver's (its home, its cwd) may not exist on the other nodes.
 _DEFAULT_ENV = {
     "DS_ACCELERATOR": "cpu",
     "RAY_AUTH_MODE": "disabled",
     "TOKENIZERS_PARALLELISM": "false",
     "VLLM_CPU_KVCACHE_SPACE": "1",
-    "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "sprec_ray" / "torch_extensions"),
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
 }
+# The user's Hugging Face settings travel to every worker as set (offline mode, cache, token).
+_FORWARDED_ENV = ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HF_ENDPOINT")
 
 
 def has_cuda() -> bool:
@@ -32,6 +32,7 @@ def has_cuda() -> bool:
 def worker_env() -> dict[str, str]:
     """Env vars shipped to every Ray worker through runtime_env."""
     env = {k: os.environ.get(k, v) for k, v in _DEFAULT_ENV.items()}
+    env.update({k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ})
     if has_cuda():
         env.pop("DS_ACCELERATOR")  # DeepSpeed picks CUDA itself
         env.pop("VLLM_CPU_KVCACHE_SPACE")
@@ -49,6 +50,32 @@ def _not_set_by_job(env: dict[str, str]) -> dict[str, str]:
     job_config = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR, "{}"))
     job_vars = (job_config.get("runtime_env") or {}).get("env_vars") or {}
     return {k: v for k, v in env.items() if k not in job_vars}
+
+
+def check_visible_on_every_node(run_dir: Path, timeout_s: float = 300.0) -> None:
+    """Fail fast, naming the nodes, when the run's storage is not the same directory on every node
+    alive now: workers, generation actors and replicas read the base model, adapters and catalogue
+    from it. (Nodes the autoscaler adds later are not checked.)"""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = run_dir / "config.yaml"  # the run's own file: checking writes nothing into the run
+    token = _read_text(str(probe))
+    read = ray.remote(num_cpus=0)(_read_text)
+    nodes = {f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})": n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    refs = {name: read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(str(probe))
+            for name, node_id in nodes.items()}
+    blind = [name for name, ref in refs.items() if ray.get(ref, timeout=timeout_s) != token]
+    if blind:
+        raise FileNotFoundError(f"output_dir {run_dir} is not visible on node(s) {blind}: every node reads the run's "
+                                f"storage, so put output_dir on a filesystem all nodes mount (NFS, EFS, Filestore, a "
+                                f"ReadWriteMany PVC; see docs/cluster.md)")
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
 
 
 def init_ray(address: str = "", num_cpus: int = 0, dashboard: bool = False) -> None:

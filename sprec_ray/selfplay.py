@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .artefacts import in_run, load_grounder, write_catalogue, write_final
 from .config import ConfigError, RunConfig, save_config
 from .data.prepared import PreparedData, prepare_dataset
 from .data.prompts import render_prompt, render_response
@@ -31,14 +32,13 @@ from .data.records import Example
 from .data.sharding import prompt_dataset, write_examples_parquet
 from .generate.backends import Decoding
 from .manifest import ManifestStore, PhaseRecord, write_json_atomic
-from .models.base import resolve_base_model
+from .models.base import link_tree, model_dir, stage_base_model
 from .report import metrics_table, write_report
-from .runtime import init_ray
+from .runtime import check_visible_on_every_node, init_ray
 
 log = logging.getLogger("sprec_ray")
 NEGATIVES_SCHEMA = pa.schema([("row_id", pa.int64()), ("negatives", pa.list_(pa.int64())),
                               ("rejected_text", pa.list_(pa.string()))])
-MODEL_CACHE = Path.home() / ".cache" / "sprec_ray" / "models"
 
 
 def setup_logging() -> None:
@@ -46,16 +46,17 @@ def setup_logging() -> None:
 
 
 class SelfPlayDriver:
-    def __init__(self, cfg: RunConfig, resume: bool = False):
+    def __init__(self, cfg: RunConfig, resume: bool = False, write_config: bool = True):
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir).resolve()
         self._check_run_dir(resume)
         init = cfg.selfplay.init_adapter
         if init and not (Path(init) / "adapter_config.json").exists():
             raise ConfigError(f"selfplay.init_adapter={init!r} is not a PEFT adapter directory (no adapter_config.json)")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.run_dir / "config.yaml")
-        init_ray(cfg.ray_address, cfg.ray_num_cpus, cfg.ray_dashboard)  # data preparation runs in Ray tasks
+        if write_config:  # False for `sprec-ray eval`, which must leave a finished run as it is
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        self.attach()  # data preparation runs in Ray tasks that write under the run's storage
         self.data: PreparedData = prepare_dataset(cfg.data, self.run_dir / "data" / "prepared",
                                                   self.run_dir / "scratch", seed=cfg.seed)
         if self.data.bad_rows:
@@ -63,7 +64,7 @@ class SelfPlayDriver:
         self.store = ManifestStore(self.run_dir, cfg.digest(), cfg.seed, self.data.source_hashes)
         self._pool = None
         self._grounder = None
-        self.base_model: Path | None = None
+        self.base_model: str | None = None  # an absolute path in the run's storage, or a Hub reference
 
     def _check_run_dir(self, resume: bool) -> None:
         manifests = self.run_dir / "manifests"
@@ -103,10 +104,7 @@ class SelfPlayDriver:
     @property
     def grounder(self):
         if self._grounder is None:
-            from .eval.embedders import make_embedder
-            from .eval.grounding import Grounder
-
-            self._grounder = Grounder(self.data.catalogue.titles, make_embedder(self.cfg.eval.embedder))
+            self._grounder = load_grounder(self.run_dir, self.data.catalogue, self.cfg.eval.embedder)
         return self._grounder
 
     def generate(self, groups: Sequence[tuple[Sequence[str], Decoding]], adapter: str | None,
@@ -150,17 +148,22 @@ class SelfPlayDriver:
             self._pool = None
 
     # ---- the loop ----------------------------------------------------------------------
+    def attach(self) -> None:
+        """Start or join Ray, and check that every node sees the run's storage."""
+        init_ray(self.cfg.ray_address, self.cfg.ray_num_cpus, self.cfg.ray_dashboard)
+        check_visible_on_every_node(self.run_dir)
+
     def run(self) -> list[tuple[str, dict[str, float]]]:
         cfg = self.cfg
-        init_ray(cfg.ray_address, cfg.ray_num_cpus, cfg.ray_dashboard)
+        self.attach()
         import ray.data
 
         # Fixed block order makes a resumed run see the same batches as an uninterrupted one.
         ray.data.DataContext.get_current().execution_options.preserve_order = True
         prep = self.phase("prepare", self._prepare)
-        self.base_model = Path(prep.outputs["base_model"])
-        if cfg.selfplay.init_adapter:
-            adapter = str(Path(cfg.selfplay.init_adapter).resolve())
+        self.base_model = in_run(prep.outputs["base_model"], self.run_dir)
+        if cfg.selfplay.init_adapter:  # staged like the base model: other nodes cannot read the driver's disk
+            adapter = str(link_tree(Path(cfg.selfplay.init_adapter), self.run_dir / "init_adapter"))
         else:
             adapter = self._train(0, None)["r0_sft"].outputs["adapter"]
         results: list[tuple[str, dict[str, float]]] = []
@@ -171,8 +174,7 @@ class SelfPlayDriver:
             if not last:
                 adapter = self._train(r, adapter)[f"r{r}_{'sft' if cfg.selfplay.method == 'sft_only' else 'dpo'}"].outputs["adapter"]
         self.shutdown_pool()
-        write_json_atomic(self.run_dir / "final.json", {"base_model": str(self.base_model), "adapter": adapter,
-                                                        "round": cfg.selfplay.rounds})
+        write_final(self.run_dir, self.base_model, adapter, cfg.selfplay.rounds)
         self._write_report(results)
         return results
 
@@ -197,7 +199,7 @@ class SelfPlayDriver:
             for name in todo:
                 t = time.perf_counter()
                 if name.endswith("_eval"):
-                    outputs, metrics = self._evaluate(r, *generated[name])
+                    outputs, metrics = self.evaluate(*generated[name], self.run_dir / f"r{r}" / "eval_predictions.jsonl")
                 else:
                     outputs, metrics = self._negatives(negatives_for, rows, generated.get(name))
                 gen_s = metrics.get("generate_s", 0.0) + metrics.get("adapter_switch_s", 0.0) + metrics.get("actor_startup_s", 0.0)
@@ -255,9 +257,11 @@ class SelfPlayDriver:
         titles = self.data.catalogue.titles
         tiny_texts = [render_prompt([titles[i] for i in e.history]) + render_response(titles[e.target])
                       for e in self.data.head("train", 2000)]
-        cache = self.run_dir / "base_model" if self.cfg.model.name == "tiny" else MODEL_CACHE
-        base = resolve_base_model(self.cfg.model.name, cache, tiny_texts)
-        return ({"base_model": str(base)},
+        # Everything other nodes read goes to the run's storage: the base model (or its pinned Hub
+        # commit), the catalogue and its item embeddings.
+        base, model_info = stage_base_model(self.cfg.model.name, self.cfg.model.revision, self.run_dir, tiny_texts)
+        catalogue = write_catalogue(self.run_dir, self.data.catalogue, self.cfg.eval.embedder)
+        return ({"base_model": base, **{f"model_{k}": v for k, v in model_info.items()}, **catalogue},
                 {"train_rows": float(self.data.counts["train"]), "valid_rows": float(self.data.counts["valid"]),
                  "items": float(len(self.data.catalogue)), "bad_rows": float(sum(self.data.bad_rows.values()))})
 
@@ -298,7 +302,7 @@ class SelfPlayDriver:
         decoded bytes can re-tokenise into more tokens than were sampled, and responses are never cut."""
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(self.base_model))
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir(self.base_model)))
         limit = self.cfg.model.max_response_len - 1  # EOS is appended in training
         dropped = 0
         for i, row in enumerate(texts):
@@ -323,13 +327,13 @@ class SelfPlayDriver:
         titles = self.data.catalogue.titles
         return [render_prompt([titles[i] for i in e.history], self.cfg.data.item_noun) for e in rows]
 
-    def _evaluate(self, r: int, completions: list[list[str]], timing: dict[str, float]):
+    def evaluate(self, completions: list[list[str]], timing: dict[str, float], path: Path):
+        """Ground the validation completions, score them, and write one prediction per row to `path`."""
         from .eval.evaluate import evaluate_completions
 
         metrics, predictions = evaluate_completions(completions, self.valid_rows, self.data.catalogue, self.grounder,
                                                     self.cfg.eval.ks)
         metrics.update(timing)
-        path = self.run_dir / f"r{r}" / "eval_predictions.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(p) + "\n" for p in predictions))
         return {"predictions": str(path)}, metrics

@@ -10,6 +10,10 @@ from pathlib import Path
 
 import pytest
 
+# Before anything imports huggingface_hub (it reads this once): tests never reach a hub, and the
+# ones that use a Hub id fill an HF_HOME of their own.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 from sprec_ray.config import DataConfig
 from sprec_ray.data.dataset import GOODREADS_SAMPLE, RecDataset, load_dataset
 from sprec_ray.data.prompts import render_prompt, render_response

@@ -47,6 +47,8 @@ def test_save_then_load_round_trips(tmp_path):
     (["dpo.lora_dropout=1.0"], r"dpo.lora_dropout must be in \[0, 1\), got 1.0"),
     (["train.max_tokens_per_batch=-5"], r"train.max_tokens_per_batch must be >= 0"),
     (["model.attn_implementation=flash"], r"model.attn_implementation = 'flash' is not allowed"),
+    (["output_dir=s3://bucket/run"], r"output_dir='s3://bucket/run' must be a filesystem path every node mounts"),
+    (["serve.proxy_location=Nowhere"], r"serve.proxy_location = 'Nowhere' is not allowed"),
 ])
 def test_bad_config_names_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -64,3 +66,18 @@ def test_missing_and_non_mapping_files(tmp_path):
 def test_long_generations_are_fine_when_negatives_are_catalogue_titles():
     cfg = load_config(CONFIGS / "tiny.yaml", ["generation.max_new_tokens=60", "dpo.negative_source=grounded"])
     assert cfg.dpo.negative_source == "grounded" and cfg.dpo.on_equal_positive == "drop"
+
+
+def test_model_names_a_hub_id_a_local_dir_or_a_builtin(tmp_path, monkeypatch):
+    from sprec_ray.models.base import is_hub_id, stage_base_model
+
+    assert is_hub_id("Qwen/Qwen2.5-0.5B-Instruct") and not is_hub_id("smollm2") and not is_hub_id("a/b/c")
+    (tmp_path / "org" / "local").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert not is_hub_id("org/local")  # an existing directory of that name wins
+    with pytest.raises(FileNotFoundError, match="model.revision='v1' applies to Hub ids only"):
+        stage_base_model("smollm2", "v1", tmp_path / "run")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf"))
+    with pytest.raises(FileNotFoundError, match=r"'nobody/nothing' \(revision main\) cannot be resolved on this node"):
+        stage_base_model("nobody/nothing", "", tmp_path / "run")

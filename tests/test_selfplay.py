@@ -14,7 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sprec_ray.config import load_config
+from sprec_ray.artefacts import read_catalogue
+from sprec_ray.config import DataConfig, load_config
+from sprec_ray.data.dataset import load_dataset
 from sprec_ray.selfplay import run_selfplay
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,14 +41,16 @@ def finished_run(tmp_path_factory, tiny_data_dir, ray_session):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_run_writes_every_phase_report_and_final_model(finished_run):
+def test_run_writes_every_phase_report_and_final_model(finished_run, tiny_data_dir):
     out, results = finished_run
     assert sorted(json.loads((out / "manifests" / f"{p}.json").read_text())["phase"] for p in PHASES) == sorted(PHASES)
     manifest = json.loads((out / "manifests" / "r1_dpo.json").read_text())
     assert manifest["versions"]["ray"] and manifest["data_hashes"] and manifest["seed"] == 0
     assert Path(manifest["outputs"]["adapter"], "adapter_config.json").exists()
-    final = json.loads((out / "final.json").read_text())
-    assert final["adapter"] == manifest["outputs"]["adapter"] and final["round"] == 1
+    final = json.loads((out / "final.json").read_text())  # run-relative: the run dir may be mounted elsewhere
+    assert out / final["adapter"] == Path(manifest["outputs"]["adapter"]) and final["round"] == 1
+    assert final["base_model"] == "base_model/tiny-llama" and (out / final["base_model"] / "config.json").exists()
+    assert read_catalogue(out).titles == load_dataset(DataConfig(path=str(tiny_data_dir))).catalogue.titles
     assert [label for label, _ in results] == ["r0 (SFT)", "r1"]
     for _, metrics in results:
         for key in ("NDCG@5", "HR@5", "DivRatio@5", "ORRatio@5"):
@@ -106,7 +110,7 @@ def test_killed_driver_resumes_to_the_same_metrics(finished_run, tiny_data_dir, 
     assert "already done (resume), skipping" in done.stderr
     assert json.dumps(_quality(out), sort_keys=True) == json.dumps(_quality(reference), sort_keys=True)  # NaN-safe
     # stronger than the metrics (a tiny random model recommends little): the final weights match
-    got, want = (load_file(Path(json.loads((r / "final.json").read_text())["adapter"]) / "adapter_model.safetensors")
+    got, want = (load_file(r / json.loads((r / "final.json").read_text())["adapter"] / "adapter_model.safetensors")
                  for r in (out, reference))
     assert got.keys() == want.keys()
     for name, tensor in want.items():

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from sprec_ray.artefacts import write_catalogue
 from sprec_ray.config import load_config, save_config
 from sprec_ray.data.catalogue import catalogue_from_titles
+from sprec_ray.data.dataset import load_dataset
 from sprec_ray.serve.recommender import RunDirError, load_run
 from sprec_ray.serve.schema import MAX_BODY_BYTES, RequestError, check_body_size, parse_request
 
@@ -115,8 +117,8 @@ def serve_run_dir(tiny_data_dir, tiny_model_dir, tmp_path_factory) -> Path:
     peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
                                                   init_lora_weights=False))
     peft_model.save_pretrained(run / "adapter")
-    (run / "final.json").write_text(json.dumps({"base_model": str(tiny_model_dir),
-                                                "adapter": str(run / "adapter"), "round": 1}))
+    (run / "final.json").write_text(json.dumps({"base_model": str(tiny_model_dir), "adapter": "adapter", "round": 1}))
+    write_catalogue(run, load_dataset(cfg.data, run / "scratch").catalogue, cfg.eval.embedder)
     return run
 
 
@@ -139,6 +141,9 @@ def test_load_run_errors_name_the_problem(serve_run_dir, tiny_model_dir, tmp_pat
     (tmp_path / "final.json").write_text(json.dumps({**final, "adapter": None, "round": "zero"}))
     with pytest.raises(RunDirError, match="'round'"):
         load_run(tmp_path)
+    (tmp_path / "final.json").write_text(json.dumps({**final, "base_model": "hf://nobody/none@main", "adapter": None}))
+    with pytest.raises(RunDirError, match="nobody/none.*cannot be resolved on this node"):
+        load_run(tmp_path)  # offline (conftest) and not in the HF cache
 
 
 def test_custom_model_code_is_refused_by_default(serve_run_dir, tiny_model_dir, tmp_path):

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..config import GenerationConfig
+from ..models.base import model_dir
 from .backends import (
     STOP_STRING,
     Decoding,
@@ -35,6 +36,7 @@ class HFBackend(GenerationBackend):
         self.seed = seed
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype_name = dtype or resolve_dtype(cfg.dtype, "hf", self.device.type == "cuda")
+        base_model = model_dir(base_model)
         self.tokenizer = AutoTokenizer.from_pretrained(str(base_model))
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..config import GenerationConfig
+from ..models.base import model_dir
 from ..runtime import worker_env
 from .adapter_check import ProbeResult, compare_probe, reference_token_logprobs, run_probe
 from .backends import Decoding, adapter_path, check_decoding, make_backend, resolve_backend
@@ -182,10 +183,10 @@ class GenerationPool:
 
         _check_pool_config(cfg)
         cfg = dataclasses.replace(cfg, backend=resolve_backend(cfg))  # "auto" decided once, here
-        if base_model is None or not (Path(base_model) / "config.json").exists():
+        if base_model is None or not (model_dir(base_model) / "config.json").exists():
             raise FileNotFoundError(f"base_model {base_model!r} is not a checkpoint dir with config.json")
         self.cfg = cfg
-        self.base_model = str(Path(base_model).resolve())
+        self.base_model = str(base_model)  # an absolute path or a Hub reference every node resolves itself
         self.max_lora_rank = max_lora_rank
         self.seed = seed
         self.last_stats: RoundStats | None = None

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..config import GenerationConfig
+from ..models.base import model_dir
 from .backends import (
     STOP_STRING,
     Decoding,
@@ -40,6 +41,7 @@ class VLLMBackend(GenerationBackend):
 
         self.cfg = cfg
         self.seed = seed
+        base_model = model_dir(base_model)
         kwargs: dict[str, object] = dict(
             model=str(base_model), tokenizer=str(base_model), dtype=resolve_dtype(cfg.dtype, "vllm", on_cuda),
             max_model_len=cfg.max_model_len, seed=seed, enable_prefix_caching=True,

@@ -25,6 +25,7 @@ from ray import serve
 from ray.serve import Application
 
 from ..config import ConfigError
+from ..runtime import worker_env
 from .recommender import Recommender, RunInfo, load_run, serving_generation
 from .schema import MAX_BODY_BYTES, RecommendRequest, RequestError, check_body_size, parse_request
 
@@ -97,7 +98,7 @@ def deployment_options(run: RunInfo) -> dict[str, Any]:
         raise ConfigError(f"serve.max_batch_size must be >= 1 and serve.batch_wait_timeout_s >= 0, got "
                           f"{s.max_batch_size} and {s.batch_wait_timeout_s}")
     gen = serving_generation(run.cfg.generation)
-    env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = worker_env()  # the user's HF settings (offline, cache, token) reach the replicas
     if gen.gpus_per_actor == 0:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(gen.kv_cache_gib)
     return {
@@ -139,7 +140,7 @@ def serve_run(run_dir: str | Path, cfg_overrides: Sequence[str] = (), block: boo
     run = load_run(run_dir, cfg_overrides)
     init_ray(run.cfg.ray_address, run.cfg.ray_num_cpus)
     s = run.cfg.serve
-    serve.start(http_options={"host": s.host, "port": s.port})
+    serve.start(proxy_location=s.proxy_location, http_options={"host": s.host, "port": s.port})
     serve.run(build_app({"run_dir": str(run.run_dir), "overrides": list(cfg_overrides)}),
               name=APP_NAME, route_prefix="/")
     url = f"http://{s.host}:{s.port}"

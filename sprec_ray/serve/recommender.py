@@ -18,11 +18,13 @@ from typing import Any
 
 import numpy as np
 
+from ..artefacts import in_run, load_grounder, read_catalogue
 from ..config import GenerationConfig, RunConfig, load_config
 from ..data.catalogue import Catalogue
 from ..data.prompts import parse_response, render_prompt
 from ..eval.grounding import normalise_title
 from ..generate.backends import resolve_backend
+from ..models.base import model_dir
 from .schema import RecommendRequest, RequestError
 
 log = logging.getLogger("sprec_ray.serve")
@@ -39,11 +41,6 @@ class RunInfo:
     base_model: Path
     adapter: Path | None
     round: int
-
-
-def _resolve(path: str, run_dir: Path) -> Path:
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else (run_dir / p).resolve()
 
 
 def load_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> RunInfo:
@@ -64,10 +61,13 @@ def load_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> RunInfo:
     for key, kinds in (("base_model", (str,)), ("adapter", (str, type(None))), ("round", (int,))):
         if key not in final or not isinstance(final[key], kinds) or isinstance(final[key], bool):
             raise RunDirError(f"{final_path}: '{key}' is missing or has the wrong type ({final.get(key)!r})")
-    base = _resolve(final["base_model"], run_dir)
+    try:  # on this node: a path in the run's storage, or a pinned Hub commit from this node's HF cache
+        base = model_dir(in_run(final["base_model"], run_dir))
+    except FileNotFoundError as err:
+        raise RunDirError(f"{final_path}: base_model: {err}") from None
     if not (base / "config.json").is_file():
         raise RunDirError(f"{final_path}: base_model {base} is not a Hugging Face checkpoint dir (no config.json)")
-    adapter = _resolve(final["adapter"], run_dir) if final["adapter"] else None
+    adapter = Path(in_run(final["adapter"], run_dir)) if final["adapter"] else None
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
         raise RunDirError(f"{final_path}: adapter {adapter} has no adapter_config.json")
     _check_remote_code(base, cfg.model.trust_remote_code)
@@ -99,9 +99,11 @@ def _adapter_rank(adapter: Path | None, default: int) -> int:
 
 
 def load_catalogue(run: RunInfo) -> Catalogue:
-    from ..data.dataset import load_dataset
-
-    return load_dataset(run.cfg.data, run.run_dir / "scratch", seed=run.cfg.seed).catalogue
+    """The catalogue the run was prepared with, from its storage (no dataset read on the replica)."""
+    try:
+        return read_catalogue(run.run_dir)
+    except FileNotFoundError as err:
+        raise RunDirError(str(err)) from None
 
 
 class Recommender:
@@ -110,8 +112,6 @@ class Recommender:
     def __init__(self, run: RunInfo, catalogue: Catalogue | None = None) -> None:
         from transformers import AutoTokenizer
 
-        from ..eval.embedders import make_embedder
-        from ..eval.grounding import Grounder
         from ..generate.backends import make_backend
 
         cfg = run.cfg
@@ -126,7 +126,7 @@ class Recommender:
         self.tokenizer = AutoTokenizer.from_pretrained(str(run.base_model),
                                                        trust_remote_code=cfg.model.trust_remote_code)
         self.backend = make_backend(self.gen_cfg, run.base_model, _adapter_rank(run.adapter, cfg.lora.r), cfg.seed)
-        self.grounder = Grounder(self.catalogue.titles, make_embedder(cfg.eval.embedder))
+        self.grounder = load_grounder(run.run_dir, self.catalogue, cfg.eval.embedder)
         # Fallback ranking for requests whose every generation is empty (nothing to ground).
         self.by_popularity = [int(i) for i in np.argsort(-self.catalogue.popularity, kind="stable")]
         log.info("serving %s round %d (%s backend, %d items)", run.run_dir, run.round, self.gen_cfg.backend,

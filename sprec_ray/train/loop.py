@@ -28,6 +28,7 @@ import torch
 
 from ..config import RunConfig
 from ..data.records import DataError
+from ..models.base import model_dir
 from .batching import (
     Encoder,
     encode_pair_batch,
@@ -41,7 +42,8 @@ from .checkpointing import AdapterFiles, TrainerState, load_engine_state, read_c
 from .engine import build_engine, set_lora_dropout
 from .tracking import Tracker, progress
 
-# test-only: "rank:step:marker_file" or "rank:stage:step:marker_file" -> that rank exits once after `step`
+# test-only: "[node@]rank:step:marker_file" or "[node@]rank:stage:step:marker_file" -> that rank exits
+# (with node@: kills its node's raylet) once after `step`
 FAULT_ENV = "SPRECRAY_FAULT_INJECT"
 
 
@@ -58,7 +60,7 @@ class FitSpec:
     name: str
     stages: tuple[StageSpec, ...]
     cfg: RunConfig
-    base_model: str
+    base_model: str  # a path or 'hf://<id>@<commit>' (models.base.model_dir)
     init_adapter: str | None  # where the first stage starts (None = a fresh LoRA)
     log_dir: str
     staging_dir: str
@@ -164,9 +166,12 @@ class StepPlan:
 
 
 def _maybe_fault(spec: FitSpec, stage: str, rank: int, step: int) -> None:
+    """Tests' fault injection: '[node@]rank:[stage:]step:marker' ends that rank once after that step;
+    with 'node@' it takes its whole node down (the raylet) as a lost machine would."""
     if not spec.fault:
         return
-    parts = spec.fault.split(":", 3)
+    node, fault = spec.fault.startswith("node@"), spec.fault.removeprefix("node@")
+    parts = fault.split(":", 3)
     want_rank, want_stage, want_step, marker = parts if len(parts) == 4 else (parts[0], stage, parts[1], parts[2])
     if rank == int(want_rank) and stage == want_stage and step == int(want_step) and not Path(marker).exists():
         import ray.train
@@ -175,7 +180,12 @@ def _maybe_fault(spec: FitSpec, stage: str, rank: int, step: int) -> None:
         # still in flight when the process vanishes is lost, and the test could not know which step
         # the restart should resume from.
         ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
-        Path(marker).write_text(f"rank {rank} exited after step {step} of {stage}\n")
+        Path(marker).write_text(f"rank {rank} {'took its node down' if node else 'exited'} after step {step} of {stage}\n")
+        if node:
+            import psutil
+
+            raylet = next(p for p in psutil.Process().parents() if "raylet" in p.name())
+            raylet.kill()
         os._exit(1)
 
 
@@ -196,11 +206,12 @@ def train_loop(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = _device()
     started = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(spec.base_model)
+    base_model = model_dir(spec.base_model)  # a Hub reference resolves through this node's HF cache
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoder = Encoder(tokenizer, cfg.model.max_prompt_len, cfg.model.max_response_len)
     h0 = hyper(cfg, spec.stages[0].phase)
-    engine = build_engine(Path(spec.base_model), cfg, Path(spec.init_adapter) if spec.init_adapter else None,
+    engine = build_engine(base_model, cfg, Path(spec.init_adapter) if spec.init_adapter else None,
                           h0.lr, h0.batch_size, h0.grad_accum, device)
     setup_s = time.perf_counter() - started
 

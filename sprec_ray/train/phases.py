@@ -123,7 +123,7 @@ def run_fit(cfg: RunConfig, base_model: Path, stages: Sequence[Stage], init_adap
     datasets = {s.name: _checked(cfg, s) for s in stages}
     spec = FitSpec(
         name=name, stages=tuple(StageSpec(s.phase, s.name) for s in stages), cfg=cfg,
-        base_model=str(Path(base_model).resolve()),
+        base_model=str(base_model),
         init_adapter=str(Path(init_adapter).resolve()) if init_adapter else None,
         log_dir=str((Path(cfg.output_dir) / "tensorboard").resolve()),
         staging_dir=str(Path(tempfile.gettempdir()) / "sprec_ray_ckpt" / f"{name}-{os.getpid()}"),
