@@ -21,12 +21,16 @@ def _config(args: argparse.Namespace) -> RunConfig:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    from .data.dataset import load_dataset
+    """Build the run's example shards (reused by `train` on the same config) and print the counts."""
+    from .data.prepared import prepare_dataset
+    from .runtime import init_ray
 
     cfg = _config(args)
-    data = load_dataset(cfg.data, Path(cfg.output_dir) / "scratch", seed=cfg.seed)
-    print(json.dumps({"items": len(data.catalogue), "train": len(data.train), "valid": len(data.valid),
-                      "bad_rows": [b.summary() for b in data.bad], "files": data.source_hashes}, indent=2))
+    init_ray(cfg.ray_address, cfg.ray_num_cpus)
+    out = Path(cfg.output_dir).resolve()
+    data = prepare_dataset(cfg.data, out / "data" / "prepared", out / "scratch", seed=cfg.seed)
+    print(json.dumps({"items": len(data.catalogue), **data.counts, "bad_rows": data.bad_rows,
+                      "prepared": str(data.root), "files": data.source_hashes}, indent=2))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -54,7 +58,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     driver.base_model = in_run(final["base_model"], run.run_dir)
     adapter = str(Path(args.adapter).resolve()) if args.adapter else (str(run.adapter) if run.adapter else None)
     greedy = Decoding("greedy", 1, max_new_tokens=cfg.generation.max_new_tokens)
-    [(completions, timing)] = driver.generate([(driver._prompts(driver.data.valid), greedy)], adapter,
+    [(completions, timing)] = driver.generate([(driver._prompts(driver.valid_rows), greedy)], adapter,
                                               adapter_id=run.round + 1)
     out = run.run_dir / "evals" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     _, metrics = driver.evaluate(completions, timing, out / "predictions.jsonl")

@@ -34,6 +34,8 @@ class DataConfig:
     # Interaction logs only: an optional items table (item, title[, genres]).
     items_file: str = ""
     max_history: int = 10
+    # Interaction logs only: keep the k-core (every user and item with >= k interactions); 0 = off.
+    k_core: int = 0
     train_samples: int = 0  # 0 = all rows
     valid_samples: int = 0
     strict: bool = False  # True: the first bad row aborts; False: bad rows are skipped and reported
@@ -233,6 +235,8 @@ def _check_cross_fields(cfg: RunConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    if cfg.data.k_core < 0:
+        raise ConfigError(f"data.k_core must be >= 0 (0 = off), got {cfg.data.k_core}")
     if cfg.dpo.loss == "dpo" and cfg.dpo.num_negatives != 1:
         raise ConfigError(f"dpo.num_negatives must be 1 when dpo.loss is 'dpo' (got {cfg.dpo.num_negatives}); use dpo.loss: sdpo for K > 1")
     if (cfg.selfplay.method == "sprec" and cfg.dpo.negative_source == "generated"

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from collections.abc import Callable, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from .artefacts import in_run, load_grounder, write_catalogue, write_final
 from .config import ConfigError, RunConfig, save_config
-from .data.dataset import RecDataset, load_dataset
+from .data.prepared import PreparedData, prepare_dataset
 from .data.prompts import render_prompt, render_response
 from .data.records import Example
 from .data.sharding import prompt_dataset, write_examples_parquet
@@ -56,10 +56,11 @@ class SelfPlayDriver:
         if write_config:  # False for `sprec-ray eval`, which must leave a finished run as it is
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-        self.data: RecDataset = load_dataset(cfg.data, self.run_dir / "scratch", seed=cfg.seed)
-        for bad in self.data.bad:
-            if len(bad):
-                log.warning(bad.summary())
+        self.attach()  # data preparation runs in Ray tasks that write under the run's storage
+        self.data: PreparedData = prepare_dataset(cfg.data, self.run_dir / "data" / "prepared",
+                                                  self.run_dir / "scratch", seed=cfg.seed)
+        if self.data.bad_rows:
+            log.warning("bad rows skipped, by reason: %s (see %s)", self.data.bad_rows, self.data.root / "bad_rows")
         self.store = ManifestStore(self.run_dir, cfg.digest(), cfg.seed, self.data.source_hashes)
         self._pool = None
         self._grounder = None
@@ -187,7 +188,7 @@ class SelfPlayDriver:
             start = time.perf_counter()
             # greedy whatever generation.decoding says: sampled / beam decoding is for S-DPO's negatives
             greedy = Decoding("greedy", 1, max_new_tokens=self.cfg.generation.max_new_tokens)
-            groups = {f"r{r}_eval": (self._prompts(self.data.valid), greedy)}
+            groups = {f"r{r}_eval": (self._prompts(self.valid_rows), greedy)}
             rows = self._round_rows(negatives_for) if negatives_for is not None else []
             if negatives_for is not None and self.cfg.selfplay.method == "sprec":
                 groups[f"r{negatives_for}_negatives"] = (self._prompts(rows), Decoding.from_config(self.cfg.generation))
@@ -215,7 +216,7 @@ class SelfPlayDriver:
         names = [f"r{r}_sft"] + ([f"r{r}_dpo"] if r > 0 and self.cfg.selfplay.method != "sft_only" else [])
 
         def body(_: list[str]) -> dict[str, tuple[dict[str, Any], dict[str, float], float]]:
-            rows = self._round_rows(r)
+            rows = self._round_rows(r) if r > 0 else None  # round 0 trains on the whole train split's shards
             stages = [Stage("sft", names[0], self._dataset(names[0], rows), self.run_dir / f"r{r}" / "sft")]
             pairs = 0
             if len(names) > 1:
@@ -244,30 +245,33 @@ class SelfPlayDriver:
         return self.phases(names, body)
 
     def _round_rows(self, round_id: int) -> list[Example]:
-        n = self.cfg.selfplay.round_samples
-        train = self.data.train
-        if n <= 0 or n >= len(train) or round_id == 0:
-            return train
-        picked = random.Random(self.cfg.seed * 1_000_003 + round_id).sample(range(len(train)), n)
-        return [train[i] for i in sorted(picked)]
+        """A round's train rows (selfplay.round_samples, all when 0), picked from the shards by a seeded
+        hash; few enough to hold here, since the round generates a negative for each."""
+        return self.data.rows("train", self.cfg.selfplay.round_samples, self.cfg.seed * 1_000_003 + round_id)
+
+    @cached_property
+    def valid_rows(self) -> list[Example]:
+        return self.data.rows("valid")  # data.valid_samples of them when set
 
     def _prepare(self) -> tuple[dict[str, Any], dict[str, float]]:
         titles = self.data.catalogue.titles
         tiny_texts = [render_prompt([titles[i] for i in e.history]) + render_response(titles[e.target])
-                      for e in self.data.train[:2000]]
+                      for e in self.data.head("train", 2000)]
         # Everything other nodes read goes to the run's storage: the base model (or its pinned Hub
         # commit), the catalogue and its item embeddings.
         base, model_info = stage_base_model(self.cfg.model.name, self.cfg.model.revision, self.run_dir, tiny_texts)
         catalogue = write_catalogue(self.run_dir, self.data.catalogue, self.cfg.eval.embedder)
-        bad = {f"bad_rows_{i}": float(len(b)) for i, b in enumerate(self.data.bad)}
         return ({"base_model": base, **{f"model_{k}": v for k, v in model_info.items()}, **catalogue},
-                {"train_rows": float(len(self.data.train)), "valid_rows": float(len(self.data.valid)),
-                 "items": float(len(self.data.catalogue)), **bad})
+                {"train_rows": float(self.data.counts["train"]), "valid_rows": float(self.data.counts["valid"]),
+                 "items": float(len(self.data.catalogue)), "bad_rows": float(sum(self.data.bad_rows.values()))})
 
-    def _dataset(self, name: str, rows: Sequence[Example], negatives: Sequence[Sequence[int]] | None = None,
+    def _dataset(self, name: str, rows: Sequence[Example] | None, negatives: Sequence[Sequence[int]] | None = None,
                  rejected_texts: Sequence[Sequence[str]] | None = None):
-        shards = self.run_dir / "data" / name
-        write_examples_parquet(rows, shards, self.cfg.data.num_shards, negatives, rejected_texts)
+        """Prompt rows of a phase: `rows` written as its own shards, or None = the prepared train split."""
+        shards = self.data.split_dir("train")
+        if rows is not None:
+            shards = self.run_dir / "data" / name
+            write_examples_parquet(rows, shards, self.cfg.data.num_shards, negatives, rejected_texts)
         return prompt_dataset(shards, self.data.catalogue, self.cfg.data.item_noun,
                               counterfactual=self.cfg.sft.cft.enabled)
 
@@ -327,7 +331,7 @@ class SelfPlayDriver:
         """Ground the validation completions, score them, and write one prediction per row to `path`."""
         from .eval.evaluate import evaluate_completions
 
-        metrics, predictions = evaluate_completions(completions, self.data.valid, self.data.catalogue, self.grounder,
+        metrics, predictions = evaluate_completions(completions, self.valid_rows, self.data.catalogue, self.grounder,
                                                     self.cfg.eval.ks)
         metrics.update(timing)
         path.parent.mkdir(parents=True, exist_ok=True)

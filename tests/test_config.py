@@ -42,6 +42,7 @@ def test_save_then_load_round_trips(tmp_path):
     (["data=3"], r"data must be a mapping"),
     (["eval.ks=[0, 5]"], r"eval.ks must all be >= 1"),
     (["selfplay.rounds"], r"must look like section.key=value"),
+    (["data.k_core=-1"], r"data.k_core must be >= 0 \(0 = off\), got -1"),
     (["train.log_every=0"], r"train.log_every must be >= 1, got 0"),
     (["dpo.lora_dropout=1.0"], r"dpo.lora_dropout must be in \[0, 1\), got 1.0"),
     (["train.max_tokens_per_batch=-5"], r"train.max_tokens_per_batch must be >= 0"),

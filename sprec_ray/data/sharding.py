@@ -87,10 +87,11 @@ class PromptBuilder:
         return batch
 
 
-def prompt_dataset(parquet_dir: str | Path, catalogue: Catalogue, item_noun: str, counterfactual: bool = False):
-    """A Ray Dataset of prompt rows built by `map_batches` over the Parquet shards."""
+def prompt_dataset(source, catalogue: Catalogue, item_noun: str, counterfactual: bool = False, max_workers: int = 4):
+    """A Ray Dataset of prompt rows: `map_batches` over Parquet shards (a directory) or a Dataset of
+    id rows, on an actor pool that grows from 1 to `max_workers` with the backlog."""
     import ray.data
 
-    ds = ray.data.read_parquet(str(parquet_dir))
+    ds = ray.data.read_parquet(str(source)) if isinstance(source, str | Path) else source
     return ds.map_batches(PromptBuilder, fn_constructor_args=(catalogue.titles, item_noun, counterfactual),
-                          batch_format="pyarrow", batch_size=256, concurrency=1, num_cpus=0.25)
+                          batch_format="pyarrow", batch_size=256, concurrency=(1, max_workers), num_cpus=0.25)
