@@ -8,14 +8,11 @@ directory, so a run moved or mounted elsewhere (a RayService's volume) still res
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from .data.catalogue import Catalogue
+from .data.catalogue import Catalogue, load_catalogue_parquet, save_catalogue_parquet
 from .manifest import write_json_atomic
 from .models.base import HUB_PREFIX
 
@@ -34,13 +31,7 @@ def write_catalogue(run_dir: str | Path, catalogue: Catalogue, embedder: str) ->
 
     run_dir = Path(run_dir)
     (run_dir / CATALOGUE_DIR).mkdir(parents=True, exist_ok=True)
-    table = pa.table({
-        "id": pa.array(np.arange(len(catalogue)), pa.int64()),
-        "title": pa.array(catalogue.titles, pa.string()),
-        "genres": pa.array([list(g) for g in catalogue.genres], pa.list_(pa.string())),
-        "popularity": pa.array(catalogue.popularity, pa.int64()),
-    }).replace_schema_metadata({"counted_genres": json.dumps(list(catalogue.counted_genres))})
-    pq.write_table(table, run_dir / ITEMS_FILE)
+    save_catalogue_parquet(catalogue, run_dir / ITEMS_FILE)
     np.save(run_dir / embeddings_file(embedder), make_embedder(embedder).encode(catalogue.titles))  # type: ignore[arg-type]
     return {"catalogue": ITEMS_FILE, "embeddings": embeddings_file(embedder)}
 
@@ -49,10 +40,7 @@ def read_catalogue(run_dir: str | Path) -> Catalogue:
     path = Path(run_dir) / ITEMS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the run's prepare phase writes it (re-run `sprec-ray train --resume`)")
-    table = pq.read_table(path)
-    counted = json.loads((table.schema.metadata or {}).get(b"counted_genres", b"[]"))
-    return Catalogue(tuple(table.column("title").to_pylist()), tuple(tuple(g) for g in table.column("genres").to_pylist()),
-                     tuple(counted), table.column("popularity").to_numpy().astype(np.int64))
+    return load_catalogue_parquet(path)
 
 
 def load_grounder(run_dir: str | Path, catalogue: Catalogue, embedder: str):

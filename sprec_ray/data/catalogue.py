@@ -87,3 +87,23 @@ def load_sprec_catalogue(directory: str | Path) -> Catalogue:
     genre_dict_path = directory / "genre_dict.json"
     counted = list(json.loads(genre_dict_path.read_text())) if genre_dict_path.exists() else None
     return catalogue_from_titles(titles, genres, counted)
+
+
+def save_catalogue_parquet(catalogue: Catalogue, path: str | Path) -> None:
+    """Items in id order (title, genres, popularity); the counted genres ride in the schema metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"title": pa.array(catalogue.titles, pa.string()),
+                      "genres": pa.array([list(g) for g in catalogue.genres], pa.list_(pa.string())),
+                      "popularity": pa.array(catalogue.popularity, pa.int64())})
+    pq.write_table(table.replace_schema_metadata({"counted_genres": json.dumps(list(catalogue.counted_genres))}), path)
+
+
+def load_catalogue_parquet(path: str | Path) -> Catalogue:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    counted = json.loads((table.schema.metadata or {}).get(b"counted_genres", b"[]"))
+    return Catalogue(tuple(table.column("title").to_pylist()), tuple(tuple(g) for g in table.column("genres").to_pylist()),
+                     tuple(counted), table.column("popularity").to_numpy().astype(np.int64))

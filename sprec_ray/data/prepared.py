@@ -24,7 +24,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..config import DataConfig
-from .catalogue import Catalogue, catalogue_from_titles, load_sprec_catalogue
+from .catalogue import (
+    Catalogue,
+    catalogue_from_titles,
+    load_catalogue_parquet,
+    load_sprec_catalogue,
+    save_catalogue_parquet,
+)
 from .dataset import resolve_data_path
 from .pipeline import BAD_ROWS_SCHEMA, EXAMPLE_SCHEMA, SPLITS, filesystem, list_files, run_pipeline
 from .readers import read_sdpo_json, read_sprec_json
@@ -231,17 +237,6 @@ def _subsample(out: Path, split: str, n: int, seed: int, num_items: int) -> np.n
                         for f in files]))
 
 
-def _save_catalogue(catalogue: Catalogue, path: Path) -> None:
-    pq.write_table(pa.table({"title": list(catalogue.titles), "genres": [list(g) for g in catalogue.genres],
-                             "popularity": catalogue.popularity}), path)
-
-
-def _load_catalogue(path: Path, counted_genres: list[str]) -> Catalogue:
-    t = pq.read_table(path).to_pydict()
-    return Catalogue(tuple(t["title"]), tuple(tuple(g) for g in t["genres"]), tuple(counted_genres),
-                     np.asarray(t["popularity"], np.int64))
-
-
 def prepare_dataset(cfg: DataConfig, out: str | Path, scratch_dir: str | Path, seed: int = 0) -> PreparedData:
     """Build (or, when the same sources and settings are already prepared there, reopen) `out`.
 
@@ -261,7 +256,7 @@ def prepare_dataset(cfg: DataConfig, out: str | Path, scratch_dir: str | Path, s
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("key") == key:
-            catalogue = _load_catalogue(out / "catalogue.parquet", manifest["counted_genres"])
+            catalogue = load_catalogue_parquet(out / "catalogue.parquet")
             return PreparedData(out, catalogue, manifest["counts"], manifest["bad_rows"], manifest["source_hashes"], manifest)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -278,7 +273,7 @@ def prepare_dataset(cfg: DataConfig, out: str | Path, scratch_dir: str | Path, s
             counts[split] = n
             if split == "train":  # popularity describes the rows trained on
                 catalogue = Catalogue(catalogue.titles, catalogue.genres, catalogue.counted_genres, popularity)
-    _save_catalogue(catalogue, out / "catalogue.parquet")
+    save_catalogue_parquet(catalogue, out / "catalogue.parquet")
     manifest = {**result, "key": key, "source": path, "format": cfg.format, "counts": counts,
                 "examples": {s: result["counts"].get(s, 0) for s in SPLITS}, "items": len(catalogue),
                 "counted_genres": list(catalogue.counted_genres), "source_hashes": hashes}
