@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from sprec_ray.artefacts import read_catalogue
-from sprec_ray.config import DataConfig, load_config
-from sprec_ray.data.dataset import load_dataset
+from sprec_ray.config import load_config
+from sprec_ray.data.catalogue import load_sprec_catalogue
 from sprec_ray.selfplay import run_selfplay
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def test_run_writes_every_phase_report_and_final_model(finished_run, tiny_data_d
     final = json.loads((out / "final.json").read_text())  # run-relative: the run dir may be mounted elsewhere
     assert out / final["adapter"] == Path(manifest["outputs"]["adapter"]) and final["round"] == 1
     assert final["base_model"] == "base_model/tiny-llama" and (out / final["base_model"] / "config.json").exists()
-    assert read_catalogue(out).titles == load_dataset(DataConfig(path=str(tiny_data_dir))).catalogue.titles
+    assert read_catalogue(out).titles == load_sprec_catalogue(tiny_data_dir).titles
     assert [label for label, _ in results] == ["r0 (SFT)", "r1"]
     for _, metrics in results:
         for key in ("NDCG@5", "HR@5", "DivRatio@5", "ORRatio@5"):
