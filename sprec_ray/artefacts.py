@@ -26,7 +26,7 @@ def embeddings_file(embedder: str) -> str:
 
 
 def write_catalogue(run_dir: str | Path, catalogue: Catalogue, embedder: str) -> dict[str, str]:
-    """Items (id, title, genres, popularity) as Parquet and the embedder's item embeddings as .npy."""
+    """Items (title, genres, popularity, in id order) as Parquet and the embedder's item embeddings as .npy."""
     from .eval.embedders import make_embedder
 
     run_dir = Path(run_dir)
@@ -65,6 +65,8 @@ def write_final(run_dir: str | Path, base_model: str, adapter: str | None, round
 def run_relative(path: str, run_dir: str | Path) -> str:
     """`path` relative to the run dir when it lies inside it; anything else (a Hub reference, an
     outside adapter) unchanged."""
+    if path.startswith(HUB_PREFIX):  # not a path: resolving it from a cwd inside the run would mangle it
+        return path
     try:
         return str(Path(path).resolve().relative_to(Path(run_dir).resolve()))
     except ValueError:
