@@ -22,6 +22,14 @@ from sprec_ray.runtime import apply_default_env
 
 apply_default_env()
 
+# Modules that start Ray clusters of their own, run before the session's local Ray exists: two Ray
+# instances at once on 2 cores starve each other (a resumed fit after node loss hung that way).
+OWN_CLUSTER_MODULES = ("test_autoscaling.py", "test_multinode.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.path.name not in OWN_CLUSTER_MODULES)  # stable: order kept otherwise
+
 
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory) -> Path:
