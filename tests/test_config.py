@@ -81,3 +81,20 @@ def test_model_names_a_hub_id_a_local_dir_or_a_builtin(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf"))
     with pytest.raises(FileNotFoundError, match=r"'nobody/nothing' \(revision main\) cannot be resolved on this node"):
         stage_base_model("nobody/nothing", "", tmp_path / "run")
+
+
+def test_link_tree_keeps_a_finished_copy_and_redoes_a_killed_one(tmp_path):
+    from sprec_ray.models.base import link_tree
+
+    source = tmp_path / "model"
+    (source / "sub").mkdir(parents=True)
+    (source / "config.json").write_text("{}")
+    (source / "sub" / "weights.bin").write_bytes(b"\x00" * 64)
+    killed = tmp_path / "run" / "base_model" / "model.partial"  # what a copy killed half-way leaves
+    killed.mkdir(parents=True)
+    (killed / "stale.bin").write_text("half")
+    target = link_tree(source, tmp_path / "run" / "base_model" / "model")
+    assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*")) == ["config.json", "sub", "sub/weights.bin"]
+    assert not killed.exists() and (target / "sub" / "weights.bin").read_bytes() == b"\x00" * 64
+    (target / "extra").write_text("kept")
+    assert link_tree(source, target) == target and (target / "extra").exists()  # finished: left alone
