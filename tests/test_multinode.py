@@ -117,13 +117,17 @@ def test_eval_on_the_cluster_leaves_the_run_as_it_was(cluster, storage, driver_c
 def test_serve_replicas_load_the_run_from_its_storage(cluster, storage, driver_cwd):
     port = free_port()
     cmd = [SPREC, "serve", "--run", str(storage / "job_run"), f"serve.port={port}", "serve.proxy_location=HeadOnly"]
-    proc = subprocess.Popen(cmd, cwd=driver_cwd, env=_cli_env(cluster), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # Output to a file, not a pipe: a full pipe would block the CLI's Ctrl-C shutdown, and a Serve app
+    # left running holds CPUs that later runs on this cluster wait for.
+    log = storage / "serve.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen(cmd, cwd=driver_cwd, env=_cli_env(cluster), stdout=sink,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 420
         while time.time() < deadline:
-            assert proc.poll() is None, proc.stdout.read()[-4000:]
+            assert proc.poll() is None, log.read_text()[-4000:]
             try:
                 if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
                     break
@@ -141,9 +145,12 @@ def test_serve_replicas_load_the_run_from_its_storage(cluster, storage, driver_c
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # serve_run shuts Serve down on Ctrl-C
         try:
-            proc.wait(timeout=60)
+            proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, log.read_text()[-4000:]
+    with pytest.raises(requests.ConnectionError):  # Ctrl-C took the app and its proxy down
+        requests.get(f"{url}/healthz", timeout=10)
 
 
 @pytest.mark.timeout(300)
