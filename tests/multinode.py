@@ -87,9 +87,9 @@ class Cluster:
                 os.killpg(proc.pid, signal.SIGTERM)
             except ProcessLookupError:
                 continue
-        for proc in self.procs.values():
+        for proc in self.procs.values():  # a throw-away cluster: a short grace, then SIGKILL
             try:
-                proc.wait(timeout=60)
+                proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
         subprocess.run(["pkill", "-9", "-f", str(self.temp_dir)], capture_output=True)  # and the nodes' _w<i> dirs
