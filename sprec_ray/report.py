@@ -40,6 +40,12 @@ def metrics_table(rows: Rows, k: int) -> str:
     return _md_table(*_tables(rows, [k])[0][1:])
 
 
+def candidate_table(rows: Rows) -> str:
+    """Markdown table of the candidate task's HR@1 / ValidRatio; "" when no row has them."""
+    tables = _tables(rows, [])
+    return _md_table(*tables[0][1:]) if tables else ""
+
+
 def plot_rounds(rows: Rows, k: int, out_path: Path) -> Path:
     """Four panels: accuracy, over-recommendation, genre unfairness, popularity of recommendations."""
     import matplotlib
