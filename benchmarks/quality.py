@@ -11,11 +11,19 @@ sampled per round, the random negatives, sampling and the training order. Varian
 Writes a per-seed table, a mean +- sd table over seeds, JSON and a plot to --out; rerunning with the
 same --out resumes finished runs.
 
+--task candidates runs every variant in the candidate task (data.task=candidates: choose among
+data.num_candidates listed items; negatives among the candidates, random or the model's own wrong
+picks, so sprec_grounded equals sprec_generated) and adds HR@1 / ValidRatio to the tables.
+--eval-data FILE scores each run's final adapter (and the warm start) on that SPRec or S-DPO JSON
+file, as `sprec-ray eval --data` does, instead of reporting the per-round validation rows; results
+and predictions go to <out>/eval_data/.
+
     python benchmarks/quality.py                                   # Goodreads sample, SmolLM2, CPU
     python benchmarks/quality.py --seeds 0 1 2 --train 512 --round-rows 64 --valid 100 --rounds 2 \\
         data.max_history=5 sft.epochs=2
     python benchmarks/quality.py --config configs/tiny.yaml --model tiny --train 48 --round-rows 16 \\
         --valid 12 --rounds 1 --seeds 0 1 --out bench_out/quality_smoke generation.backend=hf   # plumbing only
+    python benchmarks/quality.py --task candidates --seeds 0 1 2 model.max_prompt_len=768 generation.max_model_len=1024
 """
 
 from __future__ import annotations
@@ -30,7 +38,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ("NDCG@5", "HR@5", "DivRatio@5", "ORRatio@5", "MGU@5", "DGU@5", "DivRatio@1", "ORRatio@1")
+CANDIDATE_KEYS = ("cand_HR@1", "cand_ValidRatio")
 NEGATIVE_KEYS = ("rows_kept", "rows_dropped", "exact", "new_text", "equal_to_positive", "top_popular_share")
+CANDIDATE_NEGATIVE_KEYS = ("own_wrong", "equal_to_positive", "no_candidate", "several_candidates", "random_fill")
 VARIANTS = ("sft", "dpo_random", "sprec_generated", "sprec_grounded", "sprec_sdpo")
 
 
@@ -66,7 +76,9 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--train", type=int, default=256, help="rows for the warm-start SFT")
     parser.add_argument("--round-rows", type=int, default=64, help="rows sampled per self-play round")
-    parser.add_argument("--valid", type=int, default=100)
+    parser.add_argument("--valid", type=int, default=400, help="sampled validation rows (the bundled sample has 400)")
+    parser.add_argument("--eval-data", default=None, help="score final adapters on this SPRec / S-DPO JSON file instead")
+    parser.add_argument("--task", choices=("generate", "candidates"), default="generate")
     parser.add_argument("--rounds", type=int, default=2, help="SPRec rounds (both negative sources)")
     parser.add_argument("--random-rounds", type=int, default=1, help="rounds of SFT + DPO with random negatives")
     parser.add_argument("--sdpo-rounds", type=int, default=1)
@@ -78,13 +90,17 @@ def main() -> None:
     args = parser.parse_args()
 
     from sprec_ray.config import load_config
-    from sprec_ray.report import metrics_table, plot_rounds
+    from sprec_ray.report import candidate_table, metrics_table, plot_rounds
+    from sprec_ray.run_eval import evaluate_run
     from sprec_ray.selfplay import run_selfplay
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    keys = KEYS + (CANDIDATE_KEYS if args.task == "candidates" else ())
+    negative_keys = CANDIDATE_NEGATIVE_KEYS if args.task == "candidates" else NEGATIVE_KEYS
     common = [f"data.path={args.data}", f"model.name={args.model}", f"data.train_samples={args.train}",
-              f"data.valid_samples={args.valid}", f"selfplay.round_samples={args.round_rows}", *args.overrides]
+              f"data.valid_samples={args.valid}", f"selfplay.round_samples={args.round_rows}", f"data.task={args.task}",
+              *args.overrides]
 
     def run(name: str, seed: int, extra: list[str]) -> tuple[Path, list[tuple[str, dict[str, float]]], float]:
         run_dir = out / f"seed{seed}" / name
@@ -92,6 +108,9 @@ def main() -> None:
         results = run_selfplay(load_config(args.config, overrides), resume=run_dir.exists())
         # from the manifests, so a resumed run reports the time its phases took, not the resume
         seconds = sum(json.loads(m.read_text())["seconds"] for m in (run_dir / "manifests").glob("*.json"))
+        if args.eval_data:  # the final adapter on the file, in place of the per-round validation rows
+            metrics, _ = evaluate_run(run_dir, data=args.eval_data, out=out / "eval_data" / f"seed{seed}_{name}.json")
+            results = [(f"final (r{len(results) - 1})", metrics)]
         return run_dir, results, seconds
 
     sft_dir, sft_results, sft_s = run("sft", args.seeds[0], [])
@@ -104,7 +123,7 @@ def main() -> None:
         for name in args.variants:
             run_dir, results, seconds = run(name, seed, [f"selfplay.init_adapter={warm_start}"])
             timings[f"seed{seed}/{name}"] = seconds
-            rows += [(f"{name} {label}", m) for label, m in results[1:]]
+            rows += [(f"{name} {label}", m) for label, m in (results if args.eval_data else results[1:])]
             for manifest in sorted((run_dir / "manifests").glob("r*_negatives.json")):
                 stats = json.loads(manifest.read_text())["metrics"]
                 negatives.setdefault(f"{name} {manifest.name.split('_')[0]}", []).append(stats)
@@ -112,25 +131,28 @@ def main() -> None:
         plot_rounds(rows, 5, out / f"quality_seed{seed}_at5.png")
 
     labels = list(dict.fromkeys(label for rows in per_seed.values() for label, _ in rows))
-    summary = ["| run | seeds | " + " | ".join(KEYS) + " |", "|---|---:|" + "---:|" * len(KEYS)]
+    summary = ["| run | seeds | " + " | ".join(keys) + " |", "|---|---:|" + "---:|" * len(keys)]
     for label in labels:
         found = [m for rows in per_seed.values() for lab, m in rows if lab == label]
-        summary.append(f"| {label} | {len(found)} | " + " | ".join(mean_sd([m.get(k, math.nan) for m in found]) for k in KEYS) + " |")
-    neg_table = ["| negatives | " + " | ".join(NEGATIVE_KEYS) + " |", "|---|" + "---:|" * len(NEGATIVE_KEYS)]
+        summary.append(f"| {label} | {len(found)} | " + " | ".join(mean_sd([m.get(k, math.nan) for m in found]) for k in keys) + " |")
+    neg_table = ["| negatives | " + " | ".join(negative_keys) + " |", "|---|" + "---:|" * len(negative_keys)]
     for label, stats in negatives.items():
-        neg_table.append(f"| {label} | " + " | ".join(mean_sd([s.get(k, math.nan) for s in stats]) for k in NEGATIVE_KEYS) + " |")
-    header = (f"seeds {args.seeds}; model {args.model}; warm-start SFT on {args.train} rows (seed {args.seeds[0]}, shared), "
-              f"{args.round_rows} rows per round, {args.valid} validation rows; {platform.machine()} CPU x{os.cpu_count()}; "
-              f"run time {sum(timings.values()) / 60:.1f} min")
-    seed_tables = "\n\n".join(f"### seed {seed}\n\n{metrics_table(rows, 5)}" for seed, rows in per_seed.items())
+        neg_table.append(f"| {label} | " + " | ".join(mean_sd([s.get(k, math.nan) for s in stats]) for k in negative_keys) + " |")
+    evaluated = (f"final adapters scored on {args.eval_data} ({sft_results[0][1]['n_rows']} rows)" if args.eval_data
+                 else f"{args.valid} validation rows")
+    header = (f"seeds {args.seeds}; model {args.model}; {args.task} task; warm-start SFT on {args.train} rows "
+              f"(seed {args.seeds[0]}, shared), {args.round_rows} rows per round, {evaluated}; "
+              f"{platform.machine()} CPU x{os.cpu_count()}; run time {sum(timings.values()) / 60:.1f} min")
+    seed_tables = "\n\n".join(f"### seed {seed}\n\n{metrics_table(rows, 5)}\n\n{candidate_table(rows)}".rstrip()
+                              for seed, rows in per_seed.items())
     text = (f"{header}\n\n## mean ± sd over seeds\n\n" + "\n".join(summary) + "\n\n## negatives per round (mean ± sd)\n\n"
             + "\n".join(neg_table) + f"\n\n## per seed\n\n{seed_tables}\n")
     (out / "quality.md").write_text(text)
     (out / "quality.json").write_text(json.dumps({
         "args": vars(args), "timings_s": timings,
-        "rows": [{"seed": seed, "variant": label, **{k: finite(m.get(k)) for k in KEYS}}
+        "rows": [{"seed": seed, "variant": label, **{k: finite(m.get(k)) for k in keys}}
                  for seed, rows in per_seed.items() for label, m in rows],
-        "negatives": {label: [{k: finite(s.get(k)) for k in NEGATIVE_KEYS} for s in stats] for label, stats in negatives.items()},
+        "negatives": {label: [{k: finite(s.get(k)) for k in negative_keys} for s in stats] for label, stats in negatives.items()},
     }, indent=2))
     print(text)
 

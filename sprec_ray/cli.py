@@ -40,30 +40,14 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    """Evaluate a finished run's final adapter (or --adapter) on the validation split. Writes
-    predictions and metrics to a new <run>/evals/<UTC time>/ and nothing else in the run."""
-    import time
-
-    from .artefacts import in_run
-    from .generate.backends import Decoding
-    from .selfplay import SelfPlayDriver, setup_logging
-    from .serve.recommender import load_run
+    """Evaluate a finished run's final adapter (or --adapter) on its valid or test split, or on --data;
+    writes a new <run>/evals/<UTC time>/, or only --out FILE, and never changes the run's files."""
+    from .run_eval import evaluate_run
+    from .selfplay import setup_logging
 
     setup_logging()
-    cfg = _config(args)
-    run = load_run(args.run, args.overrides)  # checks final.json and the files it names
-    final = json.loads((run.run_dir / "final.json").read_text())
-    driver = SelfPlayDriver(cfg, resume=True, write_config=False)
-    driver.attach()
-    driver.base_model = in_run(final["base_model"], run.run_dir)
-    adapter = str(Path(args.adapter).resolve()) if args.adapter else (str(run.adapter) if run.adapter else None)
-    greedy = Decoding("greedy", 1, max_new_tokens=cfg.generation.max_new_tokens)
-    [(completions, timing)] = driver.generate([(driver._prompts(driver.valid_rows), greedy)], adapter,
-                                              adapter_id=run.round + 1)
-    out = run.run_dir / "evals" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    _, metrics = driver.evaluate(completions, timing, out / "predictions.jsonl")
-    (out / "metrics.json").write_text(json.dumps({"adapter": adapter, "split": "valid", **metrics}, indent=2))
-    driver.shutdown_pool()
+    metrics, path = evaluate_run(args.run, args.overrides, args.split, args.data, args.adapter, args.out)
+    log.info("metrics: %s", path)
     print(json.dumps(metrics, indent=2))
 
 
@@ -88,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--resume", action="store_true", help="skip finished phases, continue the interrupted one")
         if name == "eval":
             p.add_argument("--adapter", default=None, help="evaluate this adapter instead of the run's final one")
+            p.add_argument("--split", choices=("valid", "test"), default="valid", help="the run's split to evaluate on")
+            p.add_argument("--data", default=None, help="evaluate on this SPRec or S-DPO JSON file instead (a directory: "
+                                                        "its data.valid_file / data.test_file, by --split)")
+            p.add_argument("--out", default=None, help="write the metrics JSON here (predictions beside it) and "
+                                                       "nothing in the run")
         p.set_defaults(fn=fn)
     return parser
 

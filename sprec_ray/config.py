@@ -31,6 +31,9 @@ class DataConfig:
     format: Literal["sprec_json", "sdpo_json", "interactions"] = "sprec_json"
     train_file: str = "train.json"
     valid_file: str = "valid.json"
+    # JSON formats: the test split's file under data.path; a missing file means no test split (the
+    # test evaluation is then skipped). Interaction logs: the last item of each user.
+    test_file: str = "test.json"
     # Interaction logs only: an optional items table (item, title[, genres]).
     items_file: str = ""
     max_history: int = 10
@@ -38,9 +41,14 @@ class DataConfig:
     k_core: int = 0
     train_samples: int = 0  # 0 = all rows
     valid_samples: int = 0
+    test_samples: int = 0
     strict: bool = False  # True: the first bad row aborts; False: bad rows are skipped and reported
     num_shards: int = 4
     item_noun: str = "books"
+    # "generate": name one item from the catalogue (SPRec); "candidates": choose one from a listed
+    # candidate set (S-DPO / LLaRA), the target among num_candidates items (see data/candidates.py).
+    task: Literal["generate", "candidates"] = "generate"
+    num_candidates: int = 20  # sampled lists only; S-DPO JSON rows bring their own itemList
 
 
 @dataclass(frozen=True)
@@ -176,6 +184,8 @@ class EvalConfig:
     ks: tuple[int, ...] = (1, 5, 10)
     embedder: Literal["minilm", "hash"] = "minilm"  # "hash": dependency-free, for tests
     batch_size: int = 256
+    # The test split is evaluated once, with the final adapter; true: with every round's adapter.
+    test_every_round: bool = False
 
 
 @dataclass(frozen=True)
@@ -230,16 +240,19 @@ def _check_cross_fields(cfg: RunConfig) -> None:
         "sft.batch_size": cfg.sft.batch_size, "dpo.batch_size": cfg.dpo.batch_size,
         "dpo.num_negatives": cfg.dpo.num_negatives, "sft.grad_accum": cfg.sft.grad_accum,
         "dpo.grad_accum": cfg.dpo.grad_accum, "serve.max_k": cfg.serve.max_k,
-        "train.log_every": cfg.train.log_every,
+        "train.log_every": cfg.train.log_every, "data.num_candidates": cfg.data.num_candidates,
     }
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    if cfg.data.task == "candidates" and cfg.data.num_candidates < cfg.dpo.num_negatives + 1:
+        raise ConfigError(f"data.num_candidates ({cfg.data.num_candidates}) must be >= dpo.num_negatives + 1 "
+                          f"({cfg.dpo.num_negatives + 1}): the candidate task's negatives are non-target candidates")
     if cfg.data.k_core < 0:
         raise ConfigError(f"data.k_core must be >= 0 (0 = off), got {cfg.data.k_core}")
     if cfg.dpo.loss == "dpo" and cfg.dpo.num_negatives != 1:
         raise ConfigError(f"dpo.num_negatives must be 1 when dpo.loss is 'dpo' (got {cfg.dpo.num_negatives}); use dpo.loss: sdpo for K > 1")
-    if (cfg.selfplay.method == "sprec" and cfg.dpo.negative_source == "generated"
+    if (cfg.selfplay.method == "sprec" and cfg.dpo.negative_source == "generated" and cfg.data.task == "generate"
             and cfg.generation.max_new_tokens + 4 > cfg.model.max_response_len):
         # a generated negative is re-rendered as '"text"' + EOS; training never truncates responses
         raise ConfigError(f"generation.max_new_tokens ({cfg.generation.max_new_tokens}) + 4 must be <= "

@@ -1,6 +1,7 @@
 """Per-round report in the run directory: report.md (table + PNG plots + phase timings) and the same
 as one self-contained page, report.html (plots embedded as base64 PNG, so it can be mailed or
-attached as a single file)."""
+attached as a single file). Test-split results, when there are any, get their own section after
+the validation tables, and the candidate task's HR@1 / ValidRatio their own table."""
 
 from __future__ import annotations
 
@@ -10,19 +11,42 @@ from collections.abc import Sequence
 from pathlib import Path
 
 TABLE_KEYS = ("NDCG", "HR", "DivRatio", "ORRatio", "MGU", "DGU")
+CANDIDATE_KEYS = ("cand_HR@1", "cand_ValidRatio")  # eval/candidates.py
+Rows = Sequence[tuple[str, dict[str, float]]]
 
 
-def metrics_table(rows: Sequence[tuple[str, dict[str, float]]], k: int) -> str:
+def _cells(rows: Rows, keys: Sequence[str]) -> list[list[str]]:
+    return [[label] + [f"{m[k]:.4f}" if k in m else "-" for k in keys] for label, m in rows]
+
+
+def _md_table(header: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
+
+
+def _tables(rows: Rows, ks: Sequence[int]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(heading, header, cells) of each metric table: one per k, then the candidate task's if any row has it."""
+    tables = []
+    for k in ks:
+        keys = [f"{n}@{k}" for n in TABLE_KEYS]
+        tables.append((f"@{k}", ["run", *keys], _cells(rows, keys)))
+    if any(k in m for _, m in rows for k in CANDIDATE_KEYS):
+        tables.append(("candidate task", ["run", "HR@1", "ValidRatio"], _cells(rows, CANDIDATE_KEYS)))
+    return tables
+
+
+def metrics_table(rows: Rows, k: int) -> str:
     """Markdown table, one row per labelled metrics dict, columns <metric>@k."""
-    header = "| run | " + " | ".join(f"{m}@{k}" for m in TABLE_KEYS) + " |"
-    lines = [header, "|" + "---|" * (len(TABLE_KEYS) + 1)]
-    for label, metrics in rows:
-        cells = [f"{metrics[f'{m}@{k}']:.4f}" if f"{m}@{k}" in metrics else "-" for m in TABLE_KEYS]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return _md_table(*_tables(rows, [k])[0][1:])
 
 
-def plot_rounds(rows: Sequence[tuple[str, dict[str, float]]], k: int, out_path: Path) -> Path:
+def candidate_table(rows: Rows) -> str:
+    """Markdown table of the candidate task's HR@1 / ValidRatio; "" when no row has them."""
+    tables = _tables(rows, [])
+    return _md_table(*tables[0][1:]) if tables else ""
+
+
+def plot_rounds(rows: Rows, k: int, out_path: Path) -> Path:
     """Four panels: accuracy, over-recommendation, genre unfairness, popularity of recommendations."""
     import matplotlib
 
@@ -68,16 +92,21 @@ def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def write_html_report(path: Path, title: str, rows: Sequence[tuple[str, dict[str, float]]],
-                      plots: dict[int, Path], timings: Sequence[tuple[str, float]]) -> Path:
-    """One page: per k the metric table and its plot (inline PNG), then the phase wall times."""
+def write_html_report(path: Path, title: str, rows: Rows,
+                      plots: dict[int, Path], timings: Sequence[tuple[str, float]],
+                      test_rows: Rows = ()) -> Path:
+    """One page: per k the metric table and its plot (inline PNG), the test split's tables, then
+    the phase wall times."""
     parts = [f"<h1>{html.escape(title)}</h1>"]
-    for k, png in plots.items():
-        cells = [[label] + [f"{m[f'{n}@{k}']:.4f}" if f"{n}@{k}" in m else "-" for n in TABLE_KEYS]
-                 for label, m in rows]
-        data = base64.b64encode(png.read_bytes()).decode()
-        parts += [f"<h2>@{k}</h2>", _html_table(["run"] + [f"{n}@{k}" for n in TABLE_KEYS], cells),
-                  f'<img alt="rounds at {k}" src="data:image/png;base64,{data}">']
+    for heading, header, cells in _tables(rows, list(plots)):
+        parts += [f"<h2>{html.escape(heading)}</h2>", _html_table(header, cells)]
+        if heading.startswith("@"):
+            data = base64.b64encode(plots[int(heading[1:])].read_bytes()).decode()
+            parts.append(f'<img alt="rounds at {heading[1:]}" src="data:image/png;base64,{data}">')
+    if test_rows:
+        parts.append("<h2>Test split</h2>")
+        for heading, header, cells in _tables(test_rows, list(plots)):
+            parts += [f"<h3>test {html.escape(heading)}</h3>", _html_table(header, cells)]
     if timings:
         total = sum(sec for _, sec in timings)
         parts += ["<h2>Phase wall time</h2>",
@@ -90,17 +119,22 @@ def write_html_report(path: Path, title: str, rows: Sequence[tuple[str, dict[str
     return path
 
 
-def write_report(run_dir: Path, rows: Sequence[tuple[str, dict[str, float]]], ks: Sequence[int],
-                 title: str, timings: Sequence[tuple[str, float]] = ()) -> Path:
-    """report.md and report.html in run_dir; returns the Markdown path."""
+def write_report(run_dir: Path, rows: Rows, ks: Sequence[int],
+                 title: str, timings: Sequence[tuple[str, float]] = (),
+                 test_rows: Rows = ()) -> Path:
+    """report.md and report.html in run_dir (validation per round, then `test_rows`); returns the
+    Markdown path."""
     sections = [f"# {title}\n"]
-    plots = {}
-    for k in ks:
-        plots[k] = plot_rounds(rows, k, run_dir / f"rounds_at{k}.png")
-        sections += [f"## @{k}\n", metrics_table(rows, k), f"\n![rounds at {k}]({plots[k].name})\n"]
+    plots = {k: plot_rounds(rows, k, run_dir / f"rounds_at{k}.png") for k in ks}
+    for heading, header, cells in _tables(rows, ks):
+        plot = f"\n![rounds at {heading[1:]}]({plots[int(heading[1:])].name})\n" if heading.startswith("@") else ""
+        sections += [f"## {heading}\n", _md_table(header, cells) + "\n" + plot]
+    if test_rows:
+        sections.append("## Test split\n")
+        sections += [f"### test {heading}\n\n{_md_table(header, cells)}\n" for heading, header, cells in _tables(test_rows, ks)]
     if timings:
         sections.append("## Phase wall time\n\n" + _timing_table(timings) + "\n")
     path = run_dir / "report.md"
     path.write_text("\n".join(sections))
-    write_html_report(run_dir / "report.html", title, rows, plots, timings)
+    write_html_report(run_dir / "report.html", title, rows, plots, timings, test_rows)
     return path

@@ -4,8 +4,9 @@ warm-start SFT, then per round r:
   one generation pass with round r-1's model (generation pool, one adapter switch): evaluate round
   r-1 on valid + generate round r's negatives (by default the model's own title texts, see
   generate/negatives.py) -> one training fit: SFT on the real next items, then DPO / S-DPO against
-  those negatives (reference = this round's SFT weights); after the last round, evaluate it.
-Every phase (r1_negatives, r1_sft, r1_dpo, r1_eval, ...) is idempotent and leaves a manifest;
+  those negatives (reference = this round's SFT weights); after the last round, evaluate it, on
+  valid and (when there is a test split) on test.
+Every phase (r1_negatives, r1_sft, r1_dpo, r1_eval, r2_test, ...) is idempotent and leaves a manifest;
 `resume=True` skips finished phases, and an interrupted fit picks up from its last Ray Train
 checkpoint, at stage granularity.
 """
@@ -26,8 +27,9 @@ import pyarrow.parquet as pq
 
 from .artefacts import in_run, load_grounder, write_catalogue, write_final
 from .config import ConfigError, RunConfig, save_config
-from .data.prepared import PreparedData, prepare_dataset
-from .data.prompts import render_prompt, render_response
+from .data.candidates import candidates_of
+from .data.prepared import PreparedData, open_prepared, prepare_dataset
+from .data.prompts import render_candidate_prompt, render_prompt, render_response
 from .data.records import Example
 from .data.sharding import prompt_dataset, write_examples_parquet
 from .generate.backends import Decoding
@@ -46,19 +48,21 @@ def setup_logging() -> None:
 
 
 class SelfPlayDriver:
-    def __init__(self, cfg: RunConfig, resume: bool = False, write_config: bool = True):
+    def __init__(self, cfg: RunConfig, resume: bool = False, read_only: bool = False):
+        """`read_only` (`sprec-ray eval`): open a finished run's prepared data and write nothing in it."""
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir).resolve()
-        self._check_run_dir(resume)
+        self._check_run_dir(resume or read_only)
         init = cfg.selfplay.init_adapter
-        if init and not (Path(init) / "adapter_config.json").exists():
+        if init and not read_only and not (Path(init) / "adapter_config.json").exists():
             raise ConfigError(f"selfplay.init_adapter={init!r} is not a PEFT adapter directory (no adapter_config.json)")
-        if write_config:  # False for `sprec-ray eval`, which must leave a finished run as it is
+        if not read_only:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
         self.attach()  # data preparation runs in Ray tasks that write under the run's storage
-        self.data: PreparedData = prepare_dataset(cfg.data, self.run_dir / "data" / "prepared",
-                                                  self.run_dir / "scratch", seed=cfg.seed)
+        prepared = self.run_dir / "data" / "prepared"
+        self.data: PreparedData = open_prepared(prepared) if read_only else prepare_dataset(
+            cfg.data, prepared, self.run_dir / "scratch", seed=cfg.seed)
         if self.data.bad_rows:
             log.warning("bad rows skipped, by reason: %s (see %s)", self.data.bad_rows, self.data.root / "bad_rows")
         self.store = ManifestStore(self.run_dir, cfg.digest(), cfg.seed, self.data.source_hashes)
@@ -167,20 +171,29 @@ class SelfPlayDriver:
         else:
             adapter = self._train(0, None)["r0_sft"].outputs["adapter"]
         results: list[tuple[str, dict[str, float]]] = []
+        tests: list[tuple[str, dict[str, float]]] = []
+        if not self.data.counts.get("test"):
+            log.info("no test split (data.test_file %r is not in data.path, or it has no rows): test evaluation skipped",
+                     cfg.data.test_file)
         for r in range(1, cfg.selfplay.rounds + 2):
             last = r == cfg.selfplay.rounds + 1
-            done = self._generation_pass(r - 1, adapter, negatives_for=None if last else r)
-            results.append(("r0 (SFT)" if r == 1 else f"r{r - 1}", done[f"r{r - 1}_eval"].metrics))
+            test = bool(self.data.counts.get("test")) and (last or cfg.eval.test_every_round)
+            done = self._generation_pass(r - 1, adapter, negatives_for=None if last else r, test=test)
+            label = "r0 (SFT)" if r == 1 else f"r{r - 1}"
+            results.append((label, done[f"r{r - 1}_eval"].metrics))
+            if test:
+                tests.append((label, done[f"r{r - 1}_test"].metrics))
             if not last:
                 adapter = self._train(r, adapter)[f"r{r}_{'sft' if cfg.selfplay.method == 'sft_only' else 'dpo'}"].outputs["adapter"]
         self.shutdown_pool()
         write_final(self.run_dir, self.base_model, adapter, cfg.selfplay.rounds)
-        self._write_report(results)
+        self._write_report(results, tests)
         return results
 
-    def _generation_pass(self, r: int, adapter: str, negatives_for: int | None) -> dict[str, PhaseRecord]:
-        """Evaluate round r's adapter and, with it, build round `negatives_for`'s self-play negatives."""
-        names = [f"r{r}_eval"]
+    def _generation_pass(self, r: int, adapter: str, negatives_for: int | None, test: bool = False) -> dict[str, PhaseRecord]:
+        """Evaluate round r's adapter (on valid, and on test when `test`) and, with it, build round
+        `negatives_for`'s self-play negatives."""
+        names = [f"r{r}_eval"] + ([f"r{r}_test"] if test else [])
         if negatives_for is not None and self.cfg.selfplay.method != "sft_only":
             names.append(f"r{negatives_for}_negatives")
 
@@ -188,10 +201,12 @@ class SelfPlayDriver:
             start = time.perf_counter()
             # greedy whatever generation.decoding says: sampled / beam decoding is for S-DPO's negatives
             greedy = Decoding("greedy", 1, max_new_tokens=self.cfg.generation.max_new_tokens)
-            groups = {f"r{r}_eval": (self._prompts(self.valid_rows), greedy)}
+            groups = {f"r{r}_eval": (self.prompts(self.valid_rows), greedy)}
+            if test:
+                groups[f"r{r}_test"] = (self.prompts(self.test_rows), greedy)
             rows = self._round_rows(negatives_for) if negatives_for is not None else []
             if negatives_for is not None and self.cfg.selfplay.method == "sprec":
-                groups[f"r{negatives_for}_negatives"] = (self._prompts(rows), Decoding.from_config(self.cfg.generation))
+                groups[f"r{negatives_for}_negatives"] = (self.prompts(rows), Decoding.from_config(self.cfg.generation))
             wanted = [n for n in todo if n in groups]
             generated = dict(zip(wanted, self.generate([groups[n] for n in wanted], adapter, adapter_id=r + 1),
                                  strict=True)) if wanted else {}
@@ -199,7 +214,11 @@ class SelfPlayDriver:
             for name in todo:
                 t = time.perf_counter()
                 if name.endswith("_eval"):
-                    outputs, metrics = self.evaluate(*generated[name], self.run_dir / f"r{r}" / "eval_predictions.jsonl")
+                    outputs, metrics = self.evaluate(self.valid_rows, *generated[name],
+                                                     self.run_dir / f"r{r}" / "eval_predictions.jsonl")
+                elif name.endswith("_test"):
+                    outputs, metrics = self.evaluate(self.test_rows, *generated[name],
+                                                     self.run_dir / f"r{r}" / "test_predictions.jsonl")
                 else:
                     outputs, metrics = self._negatives(negatives_for, rows, generated.get(name))
                 gen_s = metrics.get("generate_s", 0.0) + metrics.get("adapter_switch_s", 0.0) + metrics.get("actor_startup_s", 0.0)
@@ -253,6 +272,10 @@ class SelfPlayDriver:
     def valid_rows(self) -> list[Example]:
         return self.data.rows("valid")  # data.valid_samples of them when set
 
+    @cached_property
+    def test_rows(self) -> list[Example]:
+        return self.data.rows("test")  # data.test_samples of them when set
+
     def _prepare(self) -> tuple[dict[str, Any], dict[str, float]]:
         titles = self.data.catalogue.titles
         tiny_texts = [render_prompt([titles[i] for i in e.history]) + render_response(titles[e.target])
@@ -263,6 +286,7 @@ class SelfPlayDriver:
         catalogue = write_catalogue(self.run_dir, self.data.catalogue, self.cfg.eval.embedder)
         return ({"base_model": base, **{f"model_{k}": v for k, v in model_info.items()}, **catalogue},
                 {"train_rows": float(self.data.counts["train"]), "valid_rows": float(self.data.counts["valid"]),
+                 "test_rows": float(self.data.counts.get("test", 0)),
                  "items": float(len(self.data.catalogue)), "bad_rows": float(sum(self.data.bad_rows.values()))})
 
     def _dataset(self, name: str, rows: Sequence[Example] | None, negatives: Sequence[Sequence[int]] | None = None,
@@ -273,15 +297,31 @@ class SelfPlayDriver:
             shards = self.run_dir / "data" / name
             write_examples_parquet(rows, shards, self.cfg.data.num_shards, negatives, rejected_texts)
         return prompt_dataset(shards, self.data.catalogue, self.cfg.data.item_noun,
-                              counterfactual=self.cfg.sft.cft.enabled)
+                              counterfactual=self.cfg.sft.cft.enabled, candidates=self._candidate_spec)
+
+    @property
+    def _candidate_spec(self) -> tuple[int, int] | None:
+        """(num_candidates, seed) in the candidate task, which fixes each row's list (data/candidates.py)."""
+        return (self.cfg.data.num_candidates, self.cfg.seed) if self.cfg.data.task == "candidates" else None
+
+    def candidates(self, e: Example) -> tuple[int, ...]:
+        return candidates_of(e, len(self.data.catalogue), self.cfg.data.num_candidates, self.cfg.seed)
 
     def _negatives(self, r: int, rows: Sequence[Example], generated: tuple[list[list[str]], dict[str, float]] | None):
         k, dpo = self.cfg.dpo.num_negatives, self.cfg.dpo
         titles = self.data.catalogue.titles
-        if self.cfg.selfplay.method == "dpo_random":
+        if self.cfg.data.task == "candidates":  # negatives among the row's candidates: random, or own wrong picks
+            from .generate.candidate_negatives import candidate_negatives
+
+            completions, timing = generated if generated is not None else (None, {})
+            ids, cand_stats = candidate_negatives(rows, [self.candidates(e) for e in rows], completions, titles, k,
+                                                  self.cfg.seed + r)
+            texts = [[titles[i] for i in n] for n in ids]
+            stats: dict[str, float] = {**cand_stats.metrics(), **timing}
+        elif self.cfg.selfplay.method == "dpo_random":
             ids = random_negatives(rows, len(titles), k, self.cfg.seed + r)
             texts = [[titles[i] for i in n] for n in ids]
-            stats: dict[str, float] = {"random": float(len(rows) * k)}
+            stats = {"random": float(len(rows) * k)}
         else:
             from .generate.negatives import build_negatives
 
@@ -323,31 +363,41 @@ class SelfPlayDriver:
                                 [by_row[e.row_id][1] for e in rows])
         return dataset, len(rows)
 
-    def _prompts(self, rows: Sequence[Example]) -> list[str]:
-        titles = self.data.catalogue.titles
-        return [render_prompt([titles[i] for i in e.history], self.cfg.data.item_noun) for e in rows]
+    def prompts(self, rows: Sequence[Example]) -> list[str]:
+        titles, noun = self.data.catalogue.titles, self.cfg.data.item_noun
+        if self.cfg.data.task == "candidates":
+            return [render_candidate_prompt([titles[i] for i in e.history], [titles[c] for c in self.candidates(e)], noun)
+                    for e in rows]
+        return [render_prompt([titles[i] for i in e.history], noun) for e in rows]
 
-    def evaluate(self, completions: list[list[str]], timing: dict[str, float], path: Path):
-        """Ground the validation completions, score them, and write one prediction per row to `path`."""
+    def evaluate(self, rows: Sequence[Example], completions: list[list[str]], timing: dict[str, float], path: Path):
+        """Ground the rows' completions, score them, and write one prediction per row to `path`."""
         from .eval.evaluate import evaluate_completions
 
-        metrics, predictions = evaluate_completions(completions, self.valid_rows, self.data.catalogue, self.grounder,
-                                                    self.cfg.eval.ks)
+        candidates = [self.candidates(e) for e in rows] if self.cfg.data.task == "candidates" else None
+        metrics, predictions = evaluate_completions(completions, rows, self.data.catalogue, self.grounder,
+                                                    self.cfg.eval.ks, candidates)
         metrics.update(timing)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(p) + "\n" for p in predictions))
         return {"predictions": str(path)}, metrics
 
-    def _write_report(self, results: list[tuple[str, dict[str, float]]]) -> None:
+    def _write_report(self, results: list[tuple[str, dict[str, float]]], tests: list[tuple[str, dict[str, float]]]) -> None:
+        """report.md/html and metrics.json: validation per round under "rounds", the test split apart
+        under "test" (the final adapter, or every round's with eval.test_every_round)."""
         timings = [(name, self.store.load(name).seconds) for name in self.store.completed()]
         path = write_report(self.run_dir, results, self.cfg.eval.ks, f"sprec-ray run `{self.cfg.name}` "
-                            f"({self.cfg.selfplay.method}, {self.cfg.dpo.loss}, seed {self.cfg.seed})", timings)
-        write_json_atomic(self.run_dir / "metrics.json", {"rounds": [{"label": k, **m} for k, m in results]})
+                            f"({self.cfg.selfplay.method}, {self.cfg.dpo.loss}, {self.cfg.data.task} task, "
+                            f"seed {self.cfg.seed})", timings, tests)
+        write_json_atomic(self.run_dir / "metrics.json", {"rounds": [{"label": k, **m} for k, m in results],
+                                                          "test": [{"label": k, **m} for k, m in tests]})
         from .train.tracking import log_rounds
 
         log_rounds(self.cfg.train.logger, self.cfg.to_dict(), results)
         k = 5 if 5 in self.cfg.eval.ks else self.cfg.eval.ks[0]
         log.info("per-round metrics (validation):\n%s", metrics_table(results, k))
+        if tests:
+            log.info("test split:\n%s", metrics_table(tests, k))
         log.info("report: %s", path)
 
 

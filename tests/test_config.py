@@ -49,6 +49,11 @@ def test_save_then_load_round_trips(tmp_path):
     (["model.attn_implementation=flash"], r"model.attn_implementation = 'flash' is not allowed"),
     (["output_dir=s3://bucket/run"], r"output_dir='s3://bucket/run' must be a filesystem path every node mounts"),
     (["serve.proxy_location=Nowhere"], r"serve.proxy_location = 'Nowhere' is not allowed"),
+    (["data.task=rank"], r"data.task = 'rank' is not allowed; choose one of \['generate', 'candidates'\]"),
+    (["data.task=candidates", "data.num_candidates=3", "dpo.loss=sdpo", "dpo.num_negatives=3"],
+     r"data.num_candidates \(3\) must be >= dpo.num_negatives \+ 1 \(4\)"),
+    (["data.num_candidates=0"], r"data.num_candidates must be >= 1, got 0"),
+    (["eval.test_every_round=1"], r"eval.test_every_round must be true or false"),
 ])
 def test_bad_config_names_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -66,6 +71,8 @@ def test_missing_and_non_mapping_files(tmp_path):
 def test_long_generations_are_fine_when_negatives_are_catalogue_titles():
     cfg = load_config(CONFIGS / "tiny.yaml", ["generation.max_new_tokens=60", "dpo.negative_source=grounded"])
     assert cfg.dpo.negative_source == "grounded" and cfg.dpo.on_equal_positive == "drop"
+    cfg = load_config(CONFIGS / "tiny.yaml", ["generation.max_new_tokens=60", "data.task=candidates"])
+    assert cfg.data.task == "candidates" and cfg.data.num_candidates == 20 and not cfg.eval.test_every_round
 
 
 def test_model_names_a_hub_id_a_local_dir_or_a_builtin(tmp_path, monkeypatch):

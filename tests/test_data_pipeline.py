@@ -1,5 +1,8 @@
 """The Ray raw-log pipeline and prepared example shards, against the in-memory reader."""
 
+import json
+import shutil
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -8,9 +11,10 @@ import pytest
 
 from sprec_ray.config import DataConfig
 from sprec_ray.data import pipeline
+from sprec_ray.data.catalogue import load_sprec_catalogue
 from sprec_ray.data.dataset import load_dataset
-from sprec_ray.data.prepared import examples_from_table, prepare_dataset, sample_examples
-from sprec_ray.data.readers import read_interactions
+from sprec_ray.data.prepared import examples_from_table, open_prepared, prepare_dataset, sample_examples
+from sprec_ray.data.readers import read_interactions, read_sprec_json
 from sprec_ray.data.records import DataError
 from sprec_ray.data.sharding import prompt_dataset
 
@@ -119,6 +123,19 @@ def test_json_formats_go_through_the_same_shards_and_samples_are_seeded(tiny_dat
     assert len(picked) == 20 and picked == sample_examples(data.split_dir("train"), 20, 1) and set(picked) <= set(rows)
     assert picked != data.rows("train", 20, seed=2)
     assert data.head("train", 7) == examples_from_table(pq.read_table(sorted(data.split_dir("train").glob("*.parquet"))[0]))[:7]
+
+
+@pytest.mark.timeout(180)
+def test_a_json_test_file_is_the_test_split_and_a_missing_one_none(tiny_data_dir, tmp_path, ray_session):
+    src = shutil.copytree(tiny_data_dir, tmp_path / "src")
+    assert not prepare_dataset(DataConfig(path=str(src)), tmp_path / "none", tmp_path).counts["test"]
+    (src / "test.json").write_text(json.dumps(json.loads((src / "train.json").read_text())[:9]))
+    want, _ = read_sprec_json(src / "test.json", load_sprec_catalogue(src))
+    data = prepare_dataset(DataConfig(path=str(src)), tmp_path / "prep", tmp_path)
+    assert data.counts["test"] == 9 and data.rows("test") == want and str(src / "test.json") in data.source_hashes
+    sampled = prepare_dataset(DataConfig(path=str(src), test_samples=4), tmp_path / "sampled", tmp_path)
+    assert sampled.counts["test"] == 4 and set(sampled.rows("test")) < set(want)
+    assert open_prepared(tmp_path / "sampled").counts == sampled.counts  # reopened as it is, reading only
 
 
 @pytest.mark.timeout(180)

@@ -26,3 +26,15 @@ def test_html_report_has_table_rows_inline_plots_and_timings(tmp_path):
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     assert len(images) == 2 and all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
     assert "rounds_at" not in page  # no link to a file next to it: the page stands alone
+
+
+def test_test_split_and_candidate_task_get_their_own_tables(tmp_path):
+    rows = [(label, {**m, "cand_HR@1": 0.25 * i, "cand_ValidRatio": 0.5}) for i, (label, m) in enumerate(ROWS)]
+    tests = [("r1", {"NDCG@5": 0.125, "HR@5": 0.5, "cand_HR@1": 0.375, "cand_ValidRatio": 0.75})]
+    md = write_report(tmp_path, rows, [5], "run", TIMINGS, tests).read_text()
+    validation, test = md.split("## Test split")
+    assert "| r1 | 0.2500 | 0.5000 |" in validation and "| r1 | 0.1250 | 0.5000 |" not in validation
+    assert "### test @5" in test and "| r1 | 0.1250 | 0.5000 | - |" in test and "| r1 | 0.3750 | 0.7500 |" in test
+    page = (tmp_path / "report.html").read_text()
+    assert "<h2>Test split</h2>" in page and "<tr><td>r1</td><td>0.3750</td><td>0.7500</td></tr>" in page
+    assert "## Test split" not in write_report(tmp_path, ROWS, [5], "run").read_text()

@@ -1,8 +1,11 @@
-"""The driver end to end on the tiny model: phases, manifests, report, and kill-then-resume."""
+"""The driver end to end on the tiny model: phases, manifests, report, test split, the candidate
+task, side-effect-free eval, and kill-then-resume."""
 
+import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,12 +18,14 @@ import torch
 from safetensors.torch import load_file
 
 from sprec_ray.artefacts import read_catalogue
+from sprec_ray.cli import main
 from sprec_ray.config import load_config
 from sprec_ray.data.catalogue import load_sprec_catalogue
 from sprec_ray.selfplay import run_selfplay
 
 REPO = Path(__file__).resolve().parents[1]
-PHASES = ["prepare", "r0_sft", "r0_eval", "r1_negatives", "r1_sft", "r1_dpo", "r1_eval"]
+PHASES = ["prepare", "r0_sft", "r0_eval", "r1_negatives", "r1_sft", "r1_dpo", "r1_eval", "r1_test"]
+TEST_ROWS = 6
 
 
 def _overrides(out: Path, data_dir: Path) -> list[str]:
@@ -32,16 +37,42 @@ def _overrides(out: Path, data_dir: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, tiny_data_dir, ray_session):
+def data_dir(tiny_data_dir, tmp_path_factory) -> Path:
+    """The tiny set plus a test.json (a few train rows: plumbing, not a held-out measurement)."""
+    src = shutil.copytree(tiny_data_dir, tmp_path_factory.mktemp("data") / "with_test")
+    (src / "test.json").write_text(json.dumps(json.loads((src / "train.json").read_text())[:TEST_ROWS]))
+    return src
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data_dir, ray_session):
     out = tmp_path_factory.mktemp("run") / "a"
-    cfg = load_config(REPO / "configs" / "tiny.yaml", _overrides(out, tiny_data_dir))
+    cfg = load_config(REPO / "configs" / "tiny.yaml", _overrides(out, data_dir))
     results = run_selfplay(cfg)
     return out, results
 
 
+@pytest.fixture(scope="module")
+def candidate_run(finished_run, data_dir, tmp_path_factory):
+    """The candidate task, cheaply: the finished run's warm start as init adapter and no round, so
+    no training; its valid and test splits are evaluated on 5 candidates per row."""
+    warm = json.loads((finished_run[0] / "manifests" / "r0_sft.json").read_text())["outputs"]["adapter"]
+    out = tmp_path_factory.mktemp("run") / "cand"
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [*_overrides(out, data_dir), "selfplay.rounds=0",
+                                                       f"selfplay.init_adapter={warm}", "data.task=candidates",
+                                                       "data.num_candidates=5"])
+    run_selfplay(cfg)
+    return out
+
+
+def _files(run: Path) -> dict[str, str]:
+    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run.rglob("*")) if p.is_file()}
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_run_writes_every_phase_report_and_final_model(finished_run, tiny_data_dir):
+def test_run_writes_every_phase_report_and_final_model(finished_run, data_dir):
     out, results = finished_run
     assert sorted(json.loads((out / "manifests" / f"{p}.json").read_text())["phase"] for p in PHASES) == sorted(PHASES)
     manifest = json.loads((out / "manifests" / "r1_dpo.json").read_text())
@@ -50,7 +81,7 @@ def test_run_writes_every_phase_report_and_final_model(finished_run, tiny_data_d
     final = json.loads((out / "final.json").read_text())  # run-relative: the run dir may be mounted elsewhere
     assert out / final["adapter"] == Path(manifest["outputs"]["adapter"]) and final["round"] == 1
     assert final["base_model"] == "base_model/tiny-llama" and (out / final["base_model"] / "config.json").exists()
-    assert read_catalogue(out).titles == load_sprec_catalogue(tiny_data_dir).titles
+    assert read_catalogue(out).titles == load_sprec_catalogue(data_dir).titles
     assert [label for label, _ in results] == ["r0 (SFT)", "r1"]
     for _, metrics in results:
         for key in ("NDCG@5", "HR@5", "DivRatio@5", "ORRatio@5"):
@@ -58,9 +89,15 @@ def test_run_writes_every_phase_report_and_final_model(finished_run, tiny_data_d
         # genre unfairness is undefined (NaN) only when nothing at all was recommended
         assert (metrics["n_grounded"] == 0) == math.isnan(metrics["MGU@5"])
         assert metrics["n_rows"] == 12
-    assert (out / "report.md").read_text().count("| r1 |") == 3  # one table per K
+    # the final adapter on the test split, apart from validation: its own phase, metrics.json section and tables
+    test = json.loads((out / "manifests" / "r1_test.json").read_text())["metrics"]
+    assert json.loads((out / "metrics.json").read_text())["test"] == [{"label": "r1", **test}]
+    assert test["n_rows"] == TEST_ROWS and 0.0 <= test["HR@5"] <= 1.0 and "cand_HR@1" not in test
+    assert not (out / "manifests" / "r0_test.json").exists()  # eval.test_every_round is off
+    validation, test_section = (out / "report.md").read_text().split("## Test split")
+    assert validation.count("| r1 |") == 3 and test_section.count("| r1 |") == 3  # one table per K
     page = (out / "report.html").read_text()  # self-contained: rows per K, inline plots, every phase timed
-    assert page.count("<td>r1</td>") == 3 and page.count("data:image/png;base64,") == 3
+    assert page.count("<td>r1</td>") == 6 and page.count("data:image/png;base64,") == 3
     assert all(f"<td>{p}</td>" in page for p in PHASES)
     assert (out / "rounds_at5.png").stat().st_size > 10_000
     negatives = json.loads((out / "manifests" / "r1_negatives.json").read_text())["metrics"]
@@ -75,24 +112,55 @@ def test_run_writes_every_phase_report_and_final_model(finished_run, tiny_data_d
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_candidate_task_reports_hr1_and_valid_ratio_for_valid_and_test(candidate_run):
+    metrics = json.loads((candidate_run / "metrics.json").read_text())
+    [valid], [test] = metrics["rounds"], metrics["test"]  # the one adapter, on each split
+    assert valid["label"] == test["label"] == "r0 (SFT)" and (valid["n_rows"], test["n_rows"]) == (12, TEST_ROWS)
+    for split, m in (("eval", valid), ("test", test)):
+        predictions = [json.loads(line) for line in (candidate_run / "r0" / f"{split}_predictions.jsonl").read_text().splitlines()]
+        assert all(len(set(p["candidates"])) == 5 and p["target"] in p["candidates"] for p in predictions)
+        assert m["cand_ValidRatio"] == sum(len(p["named"]) == 1 for p in predictions) / len(predictions)
+        assert 0.0 <= m["cand_HR@1"] <= 1.0 and "HR@1" in m  # beside, not instead of, the grounded metrics
+    report = (candidate_run / "report.md").read_text()
+    assert report.count("## candidate task") == 1 and "### test candidate task" in report
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_eval_with_out_leaves_the_run_byte_identical(candidate_run, tmp_path, capsys):
+    before = _files(candidate_run)
+    assert main(["eval", "--run", str(candidate_run), "--split", "test", "--out", str(tmp_path / "m.json")]) == 0
+    assert _files(candidate_run) == before
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert (metrics["split"], metrics["task"], metrics["n_rows"]) == ("test", "candidates", TEST_ROWS)
+    assert 0.0 <= metrics["cand_ValidRatio"] <= 1.0
+    assert len((tmp_path / "m.predictions.jsonl").read_text().splitlines()) == TEST_ROWS
+    (tmp_path / "bad.json").write_text(json.dumps([{"input": '"Nowhere Book"', "output": '"Nowhere Book"'}]))
+    assert main(["eval", "--run", str(candidate_run), "--data", str(tmp_path / "bad.json"), "--out", str(tmp_path / "b.json")]) == 2
+    assert "row 0: unknown title in history: 'Nowhere Book'" in capsys.readouterr().err
+    assert _files(candidate_run) == before and not (tmp_path / "b.json").exists()
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(60)
-def test_rerun_without_resume_refuses_to_overwrite(finished_run, tiny_data_dir):
+def test_rerun_without_resume_refuses_to_overwrite(finished_run, data_dir):
     out, _ = finished_run
-    cfg = load_config(REPO / "configs" / "tiny.yaml", _overrides(out, tiny_data_dir))
+    cfg = load_config(REPO / "configs" / "tiny.yaml", _overrides(out, data_dir))
     with pytest.raises(FileExistsError, match="--resume"):
         run_selfplay(cfg)
-    changed = load_config(REPO / "configs" / "tiny.yaml", [*_overrides(out, tiny_data_dir), "dpo.beta=0.5"])
+    changed = load_config(REPO / "configs" / "tiny.yaml", [*_overrides(out, data_dir), "dpo.beta=0.5"])
     with pytest.raises(RuntimeError, match="config changed"):
         run_selfplay(changed, resume=True)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_killed_driver_resumes_to_the_same_metrics(finished_run, tiny_data_dir, tmp_path):
+def test_killed_driver_resumes_to_the_same_metrics(finished_run, data_dir, tmp_path):
     reference, _ = finished_run
     out = tmp_path / "b"
     cmd = [sys.executable, "-m", "sprec_ray.cli", "train", "--config", str(REPO / "configs" / "tiny.yaml"),
-           *_overrides(out, tiny_data_dir)]
+           *_overrides(out, data_dir)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -2,7 +2,7 @@
 
 Layout under the prepare directory:
   examples/{train,valid,test}/part-*.parquet   every example (row_id, history, target, candidates, user)
-  sampled/{train,valid}/part-*.parquet         the data.train_samples / valid_samples subsets, if set
+  sampled/{train,valid,test}/part-*.parquet    the data.{train,valid,test}_samples subsets, if set
   bad_rows/part-*.parquet                      every skipped row: file, row, reason, value
   catalogue.parquet, manifest.json             items (title, genres, popularity) and the counts
 Rows are picked by a seeded hash of row_id (the n smallest hashes), so a sample is exact in size,
@@ -205,24 +205,27 @@ def _from_log(cfg: DataConfig, path: str, out: Path) -> tuple[Catalogue, dict[st
 
 
 def _from_json(cfg: DataConfig, path: Path, out: Path) -> tuple[Catalogue, dict[str, Any]]:
+    files = [path / cfg.train_file, path / cfg.valid_file]
+    if cfg.test_file and (path / cfg.test_file).is_file():  # optional (the bundled sample has none): no test split
+        files.append(path / cfg.test_file)
     if cfg.format == "sprec_json":
         catalogue = load_sprec_catalogue(path)
-        train, bad_train = read_sprec_json(path / cfg.train_file, catalogue, cfg.strict)
-        valid, bad_valid = read_sprec_json(path / cfg.valid_file, catalogue, cfg.strict)
-    else:
-        catalogue, train, bad_train = read_sdpo_json(path / cfg.train_file, None, cfg.strict)
-        _, valid, bad_valid = read_sdpo_json(path / cfg.valid_file, catalogue, cfg.strict)
+        reads = [read_sprec_json(f, catalogue, cfg.strict) for f in files]
+    else:  # the train file's names make the catalogue; the other splits are read against it
+        catalogue, *train = read_sdpo_json(files[0], None, cfg.strict)
+        reads = [tuple(train)] + [read_sdpo_json(f, catalogue, cfg.strict)[1:] for f in files[1:]]
     bad: dict[str, int] = {}
-    for i, b in enumerate((bad_train, bad_valid)):
+    for i, (_, b) in enumerate(reads):
         for reason, count in _write_bad_rows(b, out, i).items():
             bad[reason] = bad.get(reason, 0) + count
     counts = {}
-    for name, rows in (("train", train), ("valid", valid), ("test", [])):
+    splits = [rows for rows, _ in reads] + [[]] * (len(SPLITS) - len(reads))
+    for name, rows in zip(SPLITS, splits, strict=True):
         rows = [Example(e.row_id, e.history[-cfg.max_history:], e.target, e.candidates, e.user) for e in rows]
         write_example_shards(rows, out / "examples" / name, cfg.num_shards)
         counts[name] = len(rows)
-    catalogue = catalogue.with_popularity(i for e in train for i in (*e.history[-cfg.max_history:], e.target))
-    return catalogue, {"counts": counts, "bad_rows": bad, "rows": len(train) + len(valid) + sum(bad.values())}
+    catalogue = catalogue.with_popularity(i for e in splits[0] for i in (*e.history[-cfg.max_history:], e.target))
+    return catalogue, {"counts": counts, "bad_rows": bad, "rows": sum(map(len, splits)) + sum(bad.values())}
 
 
 def _subsample(out: Path, split: str, n: int, seed: int, num_items: int) -> np.ndarray | None:
@@ -237,6 +240,16 @@ def _subsample(out: Path, split: str, n: int, seed: int, num_items: int) -> np.n
                         for f in files]))
 
 
+def open_prepared(out: str | Path) -> PreparedData:
+    """A prepared directory as it is, reading only: how `sprec-ray eval` opens a finished run's data."""
+    out = Path(out)
+    if not (out / "manifest.json").is_file():
+        raise FileNotFoundError(f"{out / 'manifest.json'} is missing: the run's data was never prepared")
+    manifest = json.loads((out / "manifest.json").read_text())
+    return PreparedData(out, load_catalogue_parquet(out / "catalogue.parquet"), manifest["counts"],
+                        manifest["bad_rows"], manifest["source_hashes"], manifest)
+
+
 def prepare_dataset(cfg: DataConfig, out: str | Path, scratch_dir: str | Path, seed: int = 0) -> PreparedData:
     """Build (or, when the same sources and settings are already prepared there, reopen) `out`.
 
@@ -248,16 +261,13 @@ def prepare_dataset(cfg: DataConfig, out: str | Path, scratch_dir: str | Path, s
     if cfg.format == "interactions":
         sources = list_files(path) + ([cfg.items_file] if cfg.items_file else [])
     else:
-        names = [cfg.train_file, cfg.valid_file] + (["id2name.json"] if cfg.format == "sprec_json" else [])
-        sources = [str(Path(path) / n) for n in names if (Path(path) / n).is_file()]
+        names = [cfg.train_file, cfg.valid_file, cfg.test_file] + (["id2name.json"] if cfg.format == "sprec_json" else [])
+        sources = [str(Path(path) / n) for n in names if n and (Path(path) / n).is_file()]
     hashes = _file_hashes(sources)
     key = hashlib.sha256(json.dumps([vars(cfg), seed, path, hashes], sort_keys=True, default=str).encode()).hexdigest()
     manifest_path = out / "manifest.json"
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("key") == key:
-            catalogue = load_catalogue_parquet(out / "catalogue.parquet")
-            return PreparedData(out, catalogue, manifest["counts"], manifest["bad_rows"], manifest["source_hashes"], manifest)
+    if manifest_path.exists() and json.loads(manifest_path.read_text()).get("key") == key:
+        return open_prepared(out)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     if cfg.format == "interactions":
@@ -267,7 +277,8 @@ def prepare_dataset(cfg: DataConfig, out: str | Path, scratch_dir: str | Path, s
     counts = dict(result["counts"])
     if counts["train"] == 0:
         raise DataError(f"{path}: no usable training rows (bad rows by reason: {result['bad_rows']})")
-    for split, n, split_seed in (("train", cfg.train_samples, seed), ("valid", cfg.valid_samples, seed + 1)):
+    for split, n, split_seed in (("train", cfg.train_samples, seed), ("valid", cfg.valid_samples, seed + 1),
+                                 ("test", cfg.test_samples, seed + 2)):
         if 0 < n < counts[split]:
             popularity = _subsample(out, split, n, split_seed, len(catalogue))
             counts[split] = n

@@ -227,3 +227,20 @@ def read_interactions(
             history = tuple(ids[max(0, pos - max_history) : pos])
             splits[split].append(Example(rows[pos], history, ids[pos], user=user))
     return catalogue, splits, bad
+
+
+def read_eval_file(path: str | Path, catalogue: Catalogue, max_history: int) -> list[Example]:
+    """Rows to evaluate a run on, from an SPRec or S-DPO JSON file (told apart by its first row's
+    fields), against the run's catalogue. Strict: the first bad row or unknown title raises, naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} is not a file")
+    first = next((row for _, row in _iter_json_rows(path, BadRows(str(path)), strict=True)), None)
+    if isinstance(first, dict) and "historyList" in first:
+        rows = read_sdpo_json(path, catalogue, strict=True)[1]
+    elif isinstance(first, dict) and "input" in first:
+        rows = read_sprec_json(path, catalogue, strict=True)[0]
+    else:
+        raise DataError(f"{path}: the first row has neither SPRec fields (input, output) nor S-DPO fields "
+                        f"(historyList, itemList, trueSelection)" if first is not None else f"{path}: no rows")
+    return [Example(e.row_id, e.history[-max_history:], e.target, e.candidates, e.user) for e in rows]

@@ -14,8 +14,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .candidates import candidates_of
 from .catalogue import Catalogue
-from .prompts import render_prompt, render_response
+from .prompts import render_candidate_prompt, render_prompt, render_response
 from .records import Example
 
 
@@ -34,6 +35,7 @@ def write_examples_parquet(examples: Sequence[Example], out_dir: str | Path, num
             "row_id": pa.array([e.row_id for e in rows], pa.int64()),
             "history": pa.array([list(e.history) for e in rows], pa.list_(pa.int64())),
             "target": pa.array([e.target for e in rows], pa.int64()),
+            "candidates": pa.array([list(e.candidates) for e in rows], pa.list_(pa.int64())),
             "negatives": pa.array([list(negatives[i]) if negatives is not None else [] for i in idx], pa.list_(pa.int64())),
         })
         if rejected_texts is not None:
@@ -63,21 +65,34 @@ def _check_negatives(examples: Sequence[Example], negatives: Sequence[Sequence[i
 
 
 class PromptBuilder:
-    """Adds prompt / response (/ cf_prompt, rejected) columns to a pyarrow batch of id rows."""
+    """Adds prompt / response (/ cf_prompt, rejected) columns to a pyarrow batch of id rows.
+    `candidates` = (data.num_candidates, seed) renders the candidate task's prompts instead."""
 
-    def __init__(self, titles: Sequence[str], item_noun: str, counterfactual: bool = False):
+    def __init__(self, titles: Sequence[str], item_noun: str, counterfactual: bool = False,
+                 candidates: tuple[int, int] | None = None):
         self.titles = list(titles)
         self.item_noun = item_noun
         self.counterfactual = counterfactual
+        self.candidates = candidates
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         titles = self.titles
-        histories = batch.column("history").to_pylist()
         targets = batch.column("target").to_pylist()
-        batch = batch.append_column("prompt", pa.array([render_prompt([titles[i] for i in h], self.item_noun) for h in histories]))
+        histories = [[titles[i] for i in h] for h in batch.column("history").to_pylist()]
+        if self.candidates is None:
+            prompts = [render_prompt(h, self.item_noun) for h in histories]
+            cf_prompts = [render_prompt([], self.item_noun)] * len(targets)
+        else:
+            given = batch.column("candidates").to_pylist() if "candidates" in batch.column_names else [[]] * len(targets)
+            ids = zip(batch.column("row_id").to_pylist(), batch.column("history").to_pylist(), targets, given, strict=True)
+            lists = [[titles[c] for c in candidates_of(Example(r, tuple(h), t, tuple(g)), len(titles), *self.candidates)]
+                     for r, h, t, g in ids]
+            prompts = [render_candidate_prompt(h, c, self.item_noun) for h, c in zip(histories, lists, strict=True)]
+            cf_prompts = [render_candidate_prompt([], c, self.item_noun) for c in lists]
+        batch = batch.append_column("prompt", pa.array(prompts))
         batch = batch.append_column("response", pa.array([render_response(titles[t]) for t in targets]))
         if self.counterfactual:
-            batch = batch.append_column("cf_prompt", pa.array([render_prompt([], self.item_noun)] * len(targets)))
+            batch = batch.append_column("cf_prompt", pa.array(cf_prompts))
         if "rejected_text" in batch.column_names:
             rejected = [[render_response(t) for t in texts] for texts in batch.column("rejected_text").to_pylist()]
             batch = batch.append_column("rejected", pa.array(rejected, pa.list_(pa.string())))
@@ -87,11 +102,12 @@ class PromptBuilder:
         return batch
 
 
-def prompt_dataset(source, catalogue: Catalogue, item_noun: str, counterfactual: bool = False, max_workers: int = 4):
+def prompt_dataset(source, catalogue: Catalogue, item_noun: str, counterfactual: bool = False, max_workers: int = 4,
+                   candidates: tuple[int, int] | None = None):
     """A Ray Dataset of prompt rows: `map_batches` over Parquet shards (a directory) or a Dataset of
     id rows, on an actor pool that grows from 1 to `max_workers` with the backlog."""
     import ray.data
 
     ds = ray.data.read_parquet(str(source)) if isinstance(source, str | Path) else source
-    return ds.map_batches(PromptBuilder, fn_constructor_args=(catalogue.titles, item_noun, counterfactual),
+    return ds.map_batches(PromptBuilder, fn_constructor_args=(catalogue.titles, item_noun, counterfactual, candidates),
                           batch_format="pyarrow", batch_size=256, concurrency=(1, max_workers), num_cpus=0.25)

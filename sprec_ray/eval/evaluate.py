@@ -10,12 +10,15 @@ import numpy as np
 from ..data.catalogue import Catalogue
 from ..data.prompts import parse_response
 from ..data.records import Example
+from .candidates import candidate_metrics
 from .metrics import ranking_metrics
 
 
 def evaluate_completions(completions: Sequence[Sequence[str]], rows: Sequence[Example], catalogue: Catalogue,
-                         grounder, ks: Sequence[int]) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Metrics over `rows` from the first completion of each, plus one prediction record per row."""
+                         grounder, ks: Sequence[int], candidates: Sequence[Sequence[int]] | None = None,
+                         ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Metrics over `rows` from the first completion of each, plus one prediction record per row.
+    With `candidates` (the candidate task's list per row) the cand_ metrics are added too."""
     if len(completions) != len(rows):
         raise ValueError(f"{len(completions)} completions for {len(rows)} rows")
     texts = [parse_response(c[0]) if c else "" for c in completions]
@@ -25,4 +28,10 @@ def evaluate_completions(completions: Sequence[Sequence[str]], rows: Sequence[Ex
     predictions = [{"row_id": e.row_id, "target": e.target, "generated": c[0] if c else "", "parsed": t,
                     "top": ids[i, : max(ks)].tolist()}
                    for i, (e, c, t) in enumerate(zip(rows, completions, texts, strict=True))]
+    if candidates is not None:
+        extra, named = candidate_metrics([c[0] if c else "" for c in completions], candidates,
+                                         [e.target for e in rows], catalogue.titles)
+        metrics.update(extra)
+        for p, cands, names in zip(predictions, candidates, named, strict=True):
+            p.update(candidates=list(cands), named=names)
     return metrics, predictions
