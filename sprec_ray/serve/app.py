@@ -140,19 +140,17 @@ def serve_run(run_dir: str | Path, cfg_overrides: Sequence[str] = (), block: boo
     run = load_run(run_dir, cfg_overrides)
     init_ray(run.cfg.ray_address, run.cfg.ray_num_cpus)
     s = run.cfg.serve
-    serve.start(proxy_location=s.proxy_location, http_options={"host": s.host, "port": s.port})
-    serve.run(build_app({"run_dir": str(run.run_dir), "overrides": list(cfg_overrides)}),
-              name=APP_NAME, route_prefix="/")
     url = f"http://{s.host}:{s.port}"
-    log.info("serving %s at %s (POST /recommend, GET /healthz)", run.run_dir, url)
-    if not block:
-        return url
-    print(f"serving {run.run_dir} at {url}  (POST /recommend, GET /healthz); Ctrl-C to stop", flush=True)
+    serve.start(proxy_location=s.proxy_location, http_options={"host": s.host, "port": s.port})
     try:
+        serve.run(build_app({"run_dir": str(run.run_dir), "overrides": list(cfg_overrides)}),
+                  name=APP_NAME, route_prefix="/")
+        log.info("serving %s at %s (POST /recommend, GET /healthz)", run.run_dir, url)
+        if not block:
+            return url
+        print(f"serving {run.run_dir} at {url}  (POST /recommend, GET /healthz); Ctrl-C to stop", flush=True)
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        serve.shutdown()
+    except KeyboardInterrupt:  # also while deploying (the proxy answers before serve.run returns)
+        serve.shutdown()  # Serve apps outlive their driver: leave nothing running on the cluster
     return url
