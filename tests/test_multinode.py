@@ -165,7 +165,7 @@ def test_a_run_dir_only_the_driver_sees_fails_fast_naming_the_nodes(cluster, dri
     assert not (driver_cwd / "runs" / "local" / "manifests").exists()
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(600)
 def test_node_lost_mid_sft_resumes_on_the_other_node_to_the_same_weights(cluster, storage, driver_cwd, tiny_data_dir):
     """Last in this module: it leaves the cluster one worker node short."""
     out, marker = storage / "node_loss_run", storage / "node_killed"
@@ -174,7 +174,7 @@ def test_node_lost_mid_sft_resumes_on_the_other_node_to_the_same_weights(cluster
     # the warm start alone (rounds=0): its adapter is this run's final one
     done = subprocess.run([SPREC, "train", *_run_args(str(REPO / "configs" / "tiny.yaml"), tiny_data_dir),
                            f"output_dir={out}", "selfplay.rounds=0"], cwd=driver_cwd, env=env,
-                          capture_output=True, text=True, timeout=840)
+                          capture_output=True, text=True, timeout=480)
     assert done.returncode == 0, done.stderr[-4000:]
     assert marker.exists() and "took its node down" in marker.read_text()
     assert cluster.alive_worker_nodes() == 1
