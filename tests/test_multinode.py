@@ -143,11 +143,17 @@ def test_serve_replicas_load_the_run_from_its_storage(cluster, storage, driver_c
         bad = requests.post(f"{url}/recommend", json={"history": [10**6]}, timeout=60)
         assert bad.status_code == 422 and "history" in bad.text
     finally:
+        # Ctrl-C once the CLI says it serves: the proxy answers before serve.run returns, and a SIGINT
+        # inside serve.run can be swallowed by Serve's own waiting.
+        deadline = time.time() + 120
+        while "Ctrl-C to stop" not in log.read_text() and proc.poll() is None and time.time() < deadline:
+            time.sleep(1)
         os.killpg(proc.pid, signal.SIGINT)  # serve_run shuts Serve down on Ctrl-C
         try:
             proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     assert proc.returncode == 0, log.read_text()[-4000:]
     with pytest.raises(requests.ConnectionError):  # Ctrl-C took the app and its proxy down
         requests.get(f"{url}/healthz", timeout=10)
