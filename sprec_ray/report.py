@@ -24,26 +24,21 @@ def _md_table(header: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
 
 
-def _tables(rows: Rows, ks: Sequence[int]) -> list[tuple[str, list[str], list[list[str]]]]:
-    """(heading, header, cells) of each metric table: one per k, then the candidate task's if any row has it."""
-    tables = []
+def _tables(rows: Rows, ks: Sequence[int]) -> list[tuple[str, int | None, list[str], list[list[str]]]]:
+    """(heading, k or None, header, cells) of each metric table: one per k, then the candidate task's
+    if any row has it."""
+    tables: list[tuple[str, int | None, list[str], list[list[str]]]] = []
     for k in ks:
         keys = [f"{n}@{k}" for n in TABLE_KEYS]
-        tables.append((f"@{k}", ["run", *keys], _cells(rows, keys)))
+        tables.append((f"@{k}", k, ["run", *keys], _cells(rows, keys)))
     if any(k in m for _, m in rows for k in CANDIDATE_KEYS):
-        tables.append(("candidate task", ["run", "HR@1", "ValidRatio"], _cells(rows, CANDIDATE_KEYS)))
+        tables.append(("candidate task", None, ["run", "HR@1", "ValidRatio"], _cells(rows, CANDIDATE_KEYS)))
     return tables
 
 
 def metrics_table(rows: Rows, k: int) -> str:
     """Markdown table, one row per labelled metrics dict, columns <metric>@k."""
-    return _md_table(*_tables(rows, [k])[0][1:])
-
-
-def candidate_table(rows: Rows) -> str:
-    """Markdown table of the candidate task's HR@1 / ValidRatio; "" when no row has them."""
-    tables = _tables(rows, [])
-    return _md_table(*tables[0][1:]) if tables else ""
+    return _md_table(*_tables(rows, [k])[0][2:])
 
 
 def plot_rounds(rows: Rows, k: int, out_path: Path) -> Path:
@@ -98,14 +93,14 @@ def write_html_report(path: Path, title: str, rows: Rows,
     """One page: per k the metric table and its plot (inline PNG), the test split's tables, then
     the phase wall times."""
     parts = [f"<h1>{html.escape(title)}</h1>"]
-    for heading, header, cells in _tables(rows, list(plots)):
+    for heading, k, header, cells in _tables(rows, list(plots)):
         parts += [f"<h2>{html.escape(heading)}</h2>", _html_table(header, cells)]
-        if heading.startswith("@"):
-            data = base64.b64encode(plots[int(heading[1:])].read_bytes()).decode()
-            parts.append(f'<img alt="rounds at {heading[1:]}" src="data:image/png;base64,{data}">')
+        if k is not None:
+            data = base64.b64encode(plots[k].read_bytes()).decode()
+            parts.append(f'<img alt="rounds at {k}" src="data:image/png;base64,{data}">')
     if test_rows:
         parts.append("<h2>Test split</h2>")
-        for heading, header, cells in _tables(test_rows, list(plots)):
+        for heading, _, header, cells in _tables(test_rows, list(plots)):
             parts += [f"<h3>test {html.escape(heading)}</h3>", _html_table(header, cells)]
     if timings:
         total = sum(sec for _, sec in timings)
@@ -126,12 +121,12 @@ def write_report(run_dir: Path, rows: Rows, ks: Sequence[int],
     Markdown path."""
     sections = [f"# {title}\n"]
     plots = {k: plot_rounds(rows, k, run_dir / f"rounds_at{k}.png") for k in ks}
-    for heading, header, cells in _tables(rows, ks):
-        plot = f"\n![rounds at {heading[1:]}]({plots[int(heading[1:])].name})\n" if heading.startswith("@") else ""
+    for heading, k, header, cells in _tables(rows, ks):
+        plot = f"\n![rounds at {k}]({plots[k].name})\n" if k is not None else ""
         sections += [f"## {heading}\n", _md_table(header, cells) + "\n" + plot]
     if test_rows:
         sections.append("## Test split\n")
-        sections += [f"### test {heading}\n\n{_md_table(header, cells)}\n" for heading, header, cells in _tables(test_rows, ks)]
+        sections += [f"### test {heading}\n\n{_md_table(header, cells)}\n" for heading, _, header, cells in _tables(test_rows, ks)]
     if timings:
         sections.append("## Phase wall time\n\n" + _timing_table(timings) + "\n")
     path = run_dir / "report.md"
