@@ -219,12 +219,11 @@ def _from_json(cfg: DataConfig, path: Path, out: Path) -> tuple[Catalogue, dict[
         for reason, count in _write_bad_rows(b, out, i).items():
             bad[reason] = bad.get(reason, 0) + count
     counts = {}
-    splits = [rows for rows, _ in reads] + [[]] * (len(SPLITS) - len(reads))
+    splits = [[e.last(cfg.max_history) for e in rows] for rows, _ in reads] + [[]] * (len(SPLITS) - len(reads))
     for name, rows in zip(SPLITS, splits, strict=True):
-        rows = [Example(e.row_id, e.history[-cfg.max_history:], e.target, e.candidates, e.user) for e in rows]
         write_example_shards(rows, out / "examples" / name, cfg.num_shards)
         counts[name] = len(rows)
-    catalogue = catalogue.with_popularity(i for e in splits[0] for i in (*e.history[-cfg.max_history:], e.target))
+    catalogue = catalogue.with_popularity(i for e in splits[0] for i in (*e.history, e.target))
     return catalogue, {"counts": counts, "bad_rows": bad, "rows": sum(map(len, splits)) + sum(bad.values())}
 
 

@@ -243,4 +243,4 @@ def read_eval_file(path: str | Path, catalogue: Catalogue, max_history: int) -> 
     else:
         raise DataError(f"{path}: the first row has neither SPRec fields (input, output) nor S-DPO fields "
                         f"(historyList, itemList, trueSelection)" if first is not None else f"{path}: no rows")
-    return [Example(e.row_id, e.history[-max_history:], e.target, e.candidates, e.user) for e in rows]
+    return [e.last(max_history) for e in rows]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -14,6 +14,10 @@ class Example:
     target: int
     candidates: tuple[int, ...] = ()  # S-DPO candidate list, empty otherwise
     user: str = ""
+
+    def last(self, max_history: int) -> Example:
+        """This row with only its `max_history` most recent history items (data.max_history)."""
+        return replace(self, history=self.history[-max_history:])
 
 
 @dataclass
