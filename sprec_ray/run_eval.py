@@ -23,7 +23,6 @@ def evaluate_run(run: str | Path, overrides: list[str] | tuple[str, ...] = (), s
     """Metrics of the run's final adapter (or `adapter`) on `split`, or on `data` (SPRec or S-DPO
     JSON: a file, or a directory holding the split's data.valid_file / data.test_file), read against
     the run's catalogue. Returns the metrics and the path of the metrics JSON written."""
-    from .artefacts import in_run
     from .data.readers import read_eval_file
     from .generate.backends import Decoding
     from .selfplay import SelfPlayDriver
@@ -40,7 +39,7 @@ def evaluate_run(run: str | Path, overrides: list[str] | tuple[str, ...] = (), s
     cfg = dataclasses.replace(info.cfg, output_dir=str(run_dir))
     driver = SelfPlayDriver(cfg, read_only=True)
     try:
-        driver.base_model = in_run(json.loads((run_dir / "final.json").read_text())["base_model"], run_dir)
+        driver.base_model = info.base_ref
         if data is not None:
             path = Path(data).expanduser()
             if path.is_dir():

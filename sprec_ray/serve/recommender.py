@@ -38,9 +38,10 @@ class RunDirError(ValueError):
 class RunInfo:
     run_dir: Path
     cfg: RunConfig
-    base_model: Path
+    base_model: Path  # resolved on this node
     adapter: Path | None
     round: int
+    base_ref: str  # as other nodes resolve it: a path in the run, or 'hf://<id>@<commit>'
 
 
 def load_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> RunInfo:
@@ -62,7 +63,8 @@ def load_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> RunInfo:
         if key not in final or not isinstance(final[key], kinds) or isinstance(final[key], bool):
             raise RunDirError(f"{final_path}: '{key}' is missing or has the wrong type ({final.get(key)!r})")
     try:  # on this node: a path in the run's storage, or a pinned Hub commit from this node's HF cache
-        base = model_dir(in_run(final["base_model"], run_dir))
+        base_ref = in_run(final["base_model"], run_dir)
+        base = model_dir(base_ref)
     except FileNotFoundError as err:
         raise RunDirError(f"{final_path}: base_model: {err}") from None
     if not (base / "config.json").is_file():
@@ -71,7 +73,7 @@ def load_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> RunInfo:
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
         raise RunDirError(f"{final_path}: adapter {adapter} has no adapter_config.json")
     _check_remote_code(base, cfg.model.trust_remote_code)
-    return RunInfo(run_dir, cfg, base, adapter, final["round"])
+    return RunInfo(run_dir, cfg, base, adapter, final["round"], base_ref)
 
 
 def _check_remote_code(base: Path, trust_remote_code: bool) -> None:
