@@ -140,6 +140,9 @@ def test_eval_with_out_leaves_the_run_byte_identical(candidate_run, tmp_path, ca
     assert main(["eval", "--run", str(candidate_run), "--data", str(tmp_path / "bad.json"), "--out", str(tmp_path / "b.json")]) == 2
     assert "row 0: unknown title in history: 'Nowhere Book'" in capsys.readouterr().err
     assert _files(candidate_run) == before and not (tmp_path / "b.json").exists()
+    assert main(["eval", "--run", str(candidate_run), "--out", str(candidate_run / "m.json")]) == 2
+    assert "lies inside the run directory" in capsys.readouterr().err
+    assert _files(candidate_run) == before
 
 
 @pytest.mark.slow
