@@ -69,6 +69,14 @@ def mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
+def table(runs: list[tuple[str, list[dict[str, float]]]], keys: tuple[str, ...]) -> list[str]:
+    """Markdown lines: one row per run label, each metric as mean ± sd over that label's results."""
+    lines = ["| run | seeds | " + " | ".join(keys) + " |", "|---|---:|" + "---:|" * len(keys)]
+    for label, found in runs:
+        lines.append(f"| {label} | {len(found)} | " + " | ".join(mean_sd([m.get(k, math.nan) for m in found]) for k in keys) + " |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "configs" / "default.yaml"))
@@ -90,7 +98,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from sprec_ray.config import load_config
-    from sprec_ray.report import candidate_table, metrics_table, plot_rounds
+    from sprec_ray.report import plot_rounds
     from sprec_ray.run_eval import evaluate_run
     from sprec_ray.selfplay import run_selfplay
 
@@ -131,25 +139,21 @@ def main() -> None:
         plot_rounds(rows, 5, out / f"quality_seed{seed}_at5.png")
 
     labels = list(dict.fromkeys(label for rows in per_seed.values() for label, _ in rows))
-    summary = ["| run | seeds | " + " | ".join(keys) + " |", "|---|---:|" + "---:|" * len(keys)]
-    for label in labels:
-        found = [m for rows in per_seed.values() for lab, m in rows if lab == label]
-        summary.append(f"| {label} | {len(found)} | " + " | ".join(mean_sd([m.get(k, math.nan) for m in found]) for k in keys) + " |")
-    neg_table = ["| negatives | " + " | ".join(negative_keys) + " |", "|---|" + "---:|" * len(negative_keys)]
-    for label, stats in negatives.items():
-        neg_table.append(f"| {label} | " + " | ".join(mean_sd([s.get(k, math.nan) for s in stats]) for k in negative_keys) + " |")
+    summary = table([(label, [m for rows in per_seed.values() for lab, m in rows if lab == label]) for label in labels], keys)
+    neg_table = table(list(negatives.items()), negative_keys)
     evaluated = (f"final adapters scored on {args.eval_data} ({sft_results[0][1]['n_rows']} rows)" if args.eval_data
                  else f"{args.valid} validation rows")
     header = (f"seeds {args.seeds}; model {args.model}; {args.task} task; warm-start SFT on {args.train} rows "
               f"(seed {args.seeds[0]}, shared), {args.round_rows} rows per round, {evaluated}; "
               f"{platform.machine()} CPU x{os.cpu_count()}; run time {sum(timings.values()) / 60:.1f} min")
-    seed_tables = "\n\n".join(f"### seed {seed}\n\n{metrics_table(rows, 5)}\n\n{candidate_table(rows)}".rstrip()
-                              for seed, rows in per_seed.items())
+    seed_tables = "\n\n".join(f"### seed {seed}\n\n" + "\n".join(table([(label, [m]) for label, m in rows], keys))
+                                for seed, rows in per_seed.items())
     text = (f"{header}\n\n## mean ± sd over seeds\n\n" + "\n".join(summary) + "\n\n## negatives per round (mean ± sd)\n\n"
             + "\n".join(neg_table) + f"\n\n## per seed\n\n{seed_tables}\n")
     (out / "quality.md").write_text(text)
     (out / "quality.json").write_text(json.dumps({
-        "args": vars(args), "timings_s": timings,
+        "seeds": args.seeds, "args": vars(args), "machine": f"{platform.processor() or platform.machine()} x{os.cpu_count()}",
+        "timings_s": timings,
         "rows": [{"seed": seed, "variant": label, **{k: finite(m.get(k)) for k in keys}}
                  for seed, rows in per_seed.items() for label, m in rows],
         "negatives": {label: [{k: finite(s.get(k)) for k in negative_keys} for s in stats] for label, stats in negatives.items()},

@@ -393,7 +393,7 @@ class SelfPlayDriver:
                                                           "test": [{"label": k, **m} for k, m in tests]})
         from .train.tracking import log_rounds
 
-        log_rounds(self.cfg.train.logger, self.cfg.to_dict(), results)
+        log_rounds(self.cfg.train.logger, self.cfg.to_dict(), results, tests)
         k = 5 if 5 in self.cfg.eval.ks else self.cfg.eval.ks[0]
         log.info("per-round metrics (validation):\n%s", metrics_table(results, k))
         if tests:

@@ -1,7 +1,7 @@
 """Per-step progress on rank 0: a log line always, plus TensorBoard / W&B / MLflow when configured.
 
 Each training phase is one tracked run named after the phase (r0_sft, r1_dpo, ...); the driver adds a
-run "rounds" with the per-round validation metrics (`log_rounds`). Where they land by default, all
+run "rounds" with the per-round validation and test metrics (`log_rounds`). Where they land by default, all
 under the run's output_dir: TensorBoard event files in tensorboard/<phase>; W&B in wandb/ (online
 or offline as WANDB_MODE says); MLflow in a local file store mlruns/ unless MLFLOW_TRACKING_URI
 names a server. W&B and MLflow need their packages (`pip install -e .[dev]`); `check_logger_available`
@@ -140,14 +140,19 @@ class Tracker:
         self._sink = None
 
 
-def log_rounds(logger: str, config: dict[str, Any], rounds: Sequence[tuple[str, dict[str, float]]]) -> None:
-    """The driver's per-round validation metrics as one tracked run "rounds", step = round index."""
+def log_rounds(logger: str, config: dict[str, Any], rounds: Sequence[tuple[str, dict[str, float]]],
+               tests: Sequence[tuple[str, dict[str, float]]] = ()) -> None:
+    """The driver's per-round metrics as one tracked run "rounds", step = round index: validation as
+    round/<metric>, the test split (final round, or every round) as test/<metric> at its round's step."""
     if logger == "none":
         return
     log_dir = Path(str(config.get("output_dir", "."))).resolve() / "tensorboard" / "rounds"
     tracker = Tracker(0, logger, log_dir, "rounds", config)
+    test_of = dict(tests)
     try:
-        for step, (_label, metrics) in enumerate(rounds):
+        for step, (label, metrics) in enumerate(rounds):  # in step order: W&B drops a step below its last
             tracker.log_metrics(step, metrics, "round")
+            if label in test_of:
+                tracker.log_metrics(step, test_of[label], "test")
     finally:
         tracker.close()
