@@ -8,7 +8,7 @@ sampled per round, the random negatives, sampling and the training order. Varian
   sprec_generated   SPRec, the rejected response is the model's own title text (dpo.negative_source=generated)
   sprec_grounded    SPRec, the rejected response is the nearest catalogue item to it (negative_source=grounded)
   sprec_sdpo        optional: SPRec + S-DPO, K=3 distinct sampled completions (generated)
-Writes a per-seed table, a mean +- sd table over seeds, JSON and a plot to --out; rerunning with the
+Writes a per-seed table, a mean +- sd table over seeds, JSON and a plot of every seed's value to --out; rerunning with the
 same --out resumes finished runs.
 
 --task candidates runs every variant in the candidate task (data.task=candidates: choose among
@@ -77,6 +77,29 @@ def table(runs: list[tuple[str, list[dict[str, float]]]], keys: tuple[str, ...])
     return lines
 
 
+def plot_seeds(runs: list[tuple[str, list[dict[str, float]]]], keys: tuple[str, ...], path: Path) -> None:
+    """One panel per metric: each seed's value as a dot, the mean +- sd as a bar, per run label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 4), squeeze=False)
+    x = list(range(len(runs)))
+    for ax, key in zip(axes[0], keys, strict=True):
+        values = [[m[key] for m in found if m.get(key) is not None and not math.isnan(m[key])] for _, found in runs]
+        means = [statistics.mean(v) if v else math.nan for v in values]
+        sds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+        ax.bar(x, means, yerr=sds, capsize=4, color="lightsteelblue")
+        for i, v in enumerate(values):
+            ax.plot([i] * len(v), v, "k.", alpha=0.7)
+        ax.set_title(key)
+        ax.set_xticks(x, [label for label, _ in runs], rotation=35, ha="right", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "configs" / "default.yaml"))
@@ -98,7 +121,6 @@ def main() -> None:
     args = parser.parse_args()
 
     from sprec_ray.config import load_config
-    from sprec_ray.report import plot_rounds
     from sprec_ray.run_eval import evaluate_run
     from sprec_ray.selfplay import run_selfplay
 
@@ -136,10 +158,12 @@ def main() -> None:
                 stats = json.loads(manifest.read_text())["metrics"]
                 negatives.setdefault(f"{name} {manifest.name.split('_')[0]}", []).append(stats)
         per_seed[seed] = rows
-        plot_rounds(rows, 5, out / f"quality_seed{seed}_at5.png")
 
     labels = list(dict.fromkeys(label for rows in per_seed.values() for label, _ in rows))
-    summary = table([(label, [m for rows in per_seed.values() for lab, m in rows if lab == label]) for label in labels], keys)
+    runs = [(label, [m for rows in per_seed.values() for lab, m in rows if lab == label]) for label in labels]
+    summary = table(runs, keys)
+    plot_seeds(runs, ("NDCG@5", "HR@5", "DivRatio@5", "ORRatio@5", "DGU@5", "DivRatio@1", "ORRatio@1")
+               + (CANDIDATE_KEYS if args.task == "candidates" else ()), out / "quality_seeds.png")
     neg_table = table(list(negatives.items()), negative_keys)
     evaluated = (f"final adapters scored on {args.eval_data} ({sft_results[0][1]['n_rows']} rows)" if args.eval_data
                  else f"{args.valid} validation rows")
