@@ -1,15 +1,19 @@
 """Does self-play debias? SFT vs SFT+DPO(random negatives) vs SPRec with generated / grounded negatives.
 
-One warm-start SFT adapter (trained once, with the first seed) is shared by every variant and seed
-(selfplay.init_adapter), so the comparison isolates the preference step; the seeds vary the rows
-sampled per round, the random negatives, sampling and the training order. Variants:
+One warm-start SFT adapter (trained and scored once, with the first seed) is shared by every variant
+and seed (selfplay.init_adapter; the variants score only their final adapter, eval.every_round=false),
+so the comparison isolates the preference step; the seeds vary the rows sampled per round, the
+random negatives, sampling and the training order. Variants:
   sft               the warm start alone
   dpo_random        SFT + DPO with uniform random negatives (--random-rounds rounds)
   sprec_generated   SPRec, the rejected response is the model's own title text (dpo.negative_source=generated)
   sprec_grounded    SPRec, the rejected response is the nearest catalogue item to it (negative_source=grounded)
   sprec_sdpo        optional: SPRec + S-DPO, K=3 distinct sampled completions (generated)
-Writes a per-seed table, a mean +- sd table over seeds, JSON and a plot of every seed's value to --out; rerunning with the
-same --out resumes finished runs.
+Validation rows do not depend on the seed (only the training rows do), so every seed and variant is
+scored on the same rows. Writes a per-seed table, a mean +- sd table over seeds, JSON and a plot of
+every seed's value to --out; rerunning with the same --out resumes finished runs, and --report-only
+rebuilds the tables from the run directories without Ray. --every-round also scores the variants'
+intermediate rounds (and the warm start again in each run) to show the per-round trajectory.
 
 --task candidates runs every variant in the candidate task (data.task=candidates: choose among
 data.num_candidates listed items; negatives among the candidates, random or the model's own wrong
@@ -39,7 +43,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ("NDCG@5", "HR@5", "DivRatio@5", "ORRatio@5", "MGU@5", "DGU@5", "DivRatio@1", "ORRatio@1")
 CANDIDATE_KEYS = ("cand_HR@1", "cand_ValidRatio")
-NEGATIVE_KEYS = ("rows_kept", "rows_dropped", "exact", "new_text", "equal_to_positive", "top_popular_share")
+NEGATIVE_KEYS = ("rows_kept", "rows_dropped", "exact", "new_text", "in_history", "equal_to_positive", "top_popular_share")
 CANDIDATE_NEGATIVE_KEYS = ("own_wrong", "equal_to_positive", "no_candidate", "several_candidates", "random_fill")
 VARIANTS = ("sft", "dpo_random", "sprec_generated", "sprec_grounded", "sprec_sdpo")
 
@@ -100,6 +104,46 @@ def plot_seeds(runs: list[tuple[str, list[dict[str, float]]]], keys: tuple[str, 
     plt.close(fig)
 
 
+def run_all(args: argparse.Namespace, out: Path) -> None:
+    """The warm start once (first seed), then every variant for every seed from it; finished runs resume."""
+    from sprec_ray.config import load_config
+    from sprec_ray.run_eval import evaluate_run
+    from sprec_ray.selfplay import run_selfplay
+
+    common = [f"data.path={args.data}", f"model.name={args.model}", f"data.train_samples={args.train}",
+              f"data.valid_samples={args.valid}", f"selfplay.round_samples={args.round_rows}", f"data.task={args.task}",
+              *args.overrides]
+
+    def run(name: str, seed: int, extra: list[str]) -> Path:
+        run_dir = out / f"seed{seed}" / name
+        overrides = [*common, f"seed={seed}", f"output_dir={run_dir}", f"name={name}", *variant_overrides(name, args), *extra]
+        run_selfplay(load_config(args.config, overrides), resume=run_dir.exists())
+        if args.eval_data:  # the final adapter on the file, in place of the per-round validation rows
+            evaluate_run(run_dir, data=args.eval_data, out=out / "eval_data" / f"seed{seed}_{name}.json")
+        return run_dir
+
+    sft_dir = run("sft", args.seeds[0], [])
+    warm_start = str(sft_dir / json.loads((sft_dir / "final.json").read_text())["adapter"])
+    # valid rows do not depend on the seed, so the warm start's scores are the sft run's and each
+    # variant scores only its final adapter (unless --every-round asks for the trajectory)
+    extra = [f"selfplay.init_adapter={warm_start}"] + ([] if args.every_round else ["eval.every_round=false"])
+    for seed in args.seeds:
+        for name in args.variants:
+            run(name, seed, extra)
+
+
+def scores(out: Path, seed: int, name: str, eval_data: str | None) -> list[tuple[str, dict[str, float]]]:
+    """A run's (label, metrics) rows: per evaluated round from metrics.json, or its final adapter on --eval-data."""
+    if eval_data:
+        return [("final", json.loads((out / "eval_data" / f"seed{seed}_{name}.json").read_text()))]
+    return [(r["label"], r) for r in json.loads((out / f"seed{seed}" / name / "metrics.json").read_text())["rounds"]]
+
+
+def run_seconds(run_dir: Path) -> float:
+    """From the manifests, so a resumed run reports the time its phases took, not the resume."""
+    return sum(json.loads(m.read_text())["seconds"] for m in (run_dir / "manifests").glob("*.json"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "configs" / "default.yaml"))
@@ -116,48 +160,39 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--variants", nargs="+", choices=VARIANTS[1:], default=list(VARIANTS[1:4]),
                         help="preference variants to compare with the warm start")
+    parser.add_argument("--every-round", action="store_true",
+                        help="score every round's adapter in the variant runs too (one more evaluation per round)")
+    parser.add_argument("--report-only", action="store_true", help="rebuild the tables from the runs under --out")
     parser.add_argument("--out", default=str(REPO / "bench_out" / "quality"))
     parser.add_argument("overrides", nargs="*", help="extra section.key=value for every variant")
     args = parser.parse_args()
-
-    from sprec_ray.config import load_config
-    from sprec_ray.run_eval import evaluate_run
-    from sprec_ray.selfplay import run_selfplay
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     keys = KEYS + (CANDIDATE_KEYS if args.task == "candidates" else ())
     negative_keys = CANDIDATE_NEGATIVE_KEYS if args.task == "candidates" else NEGATIVE_KEYS
-    common = [f"data.path={args.data}", f"model.name={args.model}", f"data.train_samples={args.train}",
-              f"data.valid_samples={args.valid}", f"selfplay.round_samples={args.round_rows}", f"data.task={args.task}",
-              *args.overrides]
-
-    def run(name: str, seed: int, extra: list[str]) -> tuple[Path, list[tuple[str, dict[str, float]]], float]:
-        run_dir = out / f"seed{seed}" / name
-        overrides = [*common, f"seed={seed}", f"output_dir={run_dir}", f"name={name}", *variant_overrides(name, args), *extra]
-        results = run_selfplay(load_config(args.config, overrides), resume=run_dir.exists())
-        # from the manifests, so a resumed run reports the time its phases took, not the resume
-        seconds = sum(json.loads(m.read_text())["seconds"] for m in (run_dir / "manifests").glob("*.json"))
-        if args.eval_data:  # the final adapter on the file, in place of the per-round validation rows
-            metrics, _ = evaluate_run(run_dir, data=args.eval_data, out=out / "eval_data" / f"seed{seed}_{name}.json")
-            results = [(f"final (r{len(results) - 1})", metrics)]
-        return run_dir, results, seconds
-
-    sft_dir, sft_results, sft_s = run("sft", args.seeds[0], [])
-    warm_start = str(sft_dir / json.loads((sft_dir / "final.json").read_text())["adapter"])
-    timings: dict[str, float] = {"sft": sft_s}
+    if not args.report_only:
+        run_all(args, out)
+    elif not (out / f"seed{args.seeds[0]}" / "sft" / "metrics.json").exists():
+        parser.error(f"--report-only: no finished warm-start run {out / f'seed{args.seeds[0]}' / 'sft'}")
+    # the tables are read back from the run directories, so --report-only rebuilds them without Ray
+    sft_results = scores(out, args.seeds[0], "sft", args.eval_data)
+    timings = {"sft": run_seconds(out / f"seed{args.seeds[0]}" / "sft")}
     per_seed: dict[int, list[tuple[str, dict[str, float]]]] = {}
     negatives: dict[str, list[dict[str, float]]] = {}
     for seed in args.seeds:
-        rows = [("SFT (warm start)", sft_results[0][1])]
+        warm, rows = sft_results[0][1], []
         for name in args.variants:
-            run_dir, results, seconds = run(name, seed, [f"selfplay.init_adapter={warm_start}"])
-            timings[f"seed{seed}/{name}"] = seconds
-            rows += [(f"{name} {label}", m) for label, m in (results if args.eval_data else results[1:])]
+            run_dir = out / f"seed{seed}" / name
+            results = scores(out, seed, name, args.eval_data)
+            if len(results) > 1 and results[0][0] == "r0 (SFT)":  # --every-round: the warm start on this run's rows
+                warm, results = results[0][1], results[1:]
+            timings[f"seed{seed}/{name}"] = run_seconds(run_dir)
+            rows += [(f"{name} {label}", m) for label, m in results]
             for manifest in sorted((run_dir / "manifests").glob("r*_negatives.json")):
                 stats = json.loads(manifest.read_text())["metrics"]
                 negatives.setdefault(f"{name} {manifest.name.split('_')[0]}", []).append(stats)
-        per_seed[seed] = rows
+        per_seed[seed] = [("SFT (warm start)", warm), *rows]
 
     labels = list(dict.fromkeys(label for rows in per_seed.values() for label, _ in rows))
     runs = [(label, [m for rows in per_seed.values() for lab, m in rows if lab == label]) for label in labels]

@@ -39,8 +39,8 @@ class DataConfig:
     max_history: int = 10
     # Interaction logs only: keep the k-core (every user and item with >= k interactions); 0 = off.
     k_core: int = 0
-    train_samples: int = 0  # 0 = all rows
-    valid_samples: int = 0
+    train_samples: int = 0  # 0 = all rows; which ones depends on the run's seed
+    valid_samples: int = 0  # the same rows whatever the seed, so seeds compare on one set
     test_samples: int = 0
     strict: bool = False  # True: the first bad row aborts; False: bad rows are skipped and reported
     num_shards: int = 4
@@ -184,6 +184,9 @@ class EvalConfig:
     ks: tuple[int, ...] = (1, 5, 10)
     embedder: Literal["minilm", "hash"] = "minilm"  # "hash": dependency-free, for tests
     batch_size: int = 256
+    # false: only the final adapter is scored on valid (a run from selfplay.init_adapter then skips
+    # re-scoring a warm start already scored where it was trained; benchmarks/quality.py does this).
+    every_round: bool = True
     # The test split is evaluated once, with the final adapter; true: with every round's adapter.
     test_every_round: bool = False
 

@@ -177,10 +177,12 @@ class SelfPlayDriver:
                      cfg.data.test_file)
         for r in range(1, cfg.selfplay.rounds + 2):
             last = r == cfg.selfplay.rounds + 1
+            valid = last or cfg.eval.every_round
             test = bool(self.data.counts.get("test")) and (last or cfg.eval.test_every_round)
-            done = self._generation_pass(r - 1, adapter, negatives_for=None if last else r, test=test)
+            done = self._generation_pass(r - 1, adapter, negatives_for=None if last else r, valid=valid, test=test)
             label = "r0 (SFT)" if r == 1 else f"r{r - 1}"
-            results.append((label, done[f"r{r - 1}_eval"].metrics))
+            if valid:
+                results.append((label, done[f"r{r - 1}_eval"].metrics))
             if test:
                 tests.append((label, done[f"r{r - 1}_test"].metrics))
             if not last:
@@ -190,10 +192,11 @@ class SelfPlayDriver:
         self._write_report(results, tests)
         return results
 
-    def _generation_pass(self, r: int, adapter: str, negatives_for: int | None, test: bool = False) -> dict[str, PhaseRecord]:
-        """Evaluate round r's adapter (on valid, and on test when `test`) and, with it, build round
+    def _generation_pass(self, r: int, adapter: str, negatives_for: int | None, valid: bool,
+                         test: bool) -> dict[str, PhaseRecord]:
+        """Evaluate round r's adapter (on valid and on test, as asked) and, with it, build round
         `negatives_for`'s self-play negatives."""
-        names = [f"r{r}_eval"] + ([f"r{r}_test"] if test else [])
+        names = ([f"r{r}_eval"] if valid else []) + ([f"r{r}_test"] if test else [])
         if negatives_for is not None and self.cfg.selfplay.method != "sft_only":
             names.append(f"r{negatives_for}_negatives")
 
@@ -201,7 +204,9 @@ class SelfPlayDriver:
             start = time.perf_counter()
             # greedy whatever generation.decoding says: sampled / beam decoding is for S-DPO's negatives
             greedy = Decoding("greedy", 1, max_new_tokens=self.cfg.generation.max_new_tokens)
-            groups = {f"r{r}_eval": (self.prompts(self.valid_rows), greedy)}
+            groups = {}
+            if valid:
+                groups[f"r{r}_eval"] = (self.prompts(self.valid_rows), greedy)
             if test:
                 groups[f"r{r}_test"] = (self.prompts(self.test_rows), greedy)
             rows = self._round_rows(negatives_for) if negatives_for is not None else []

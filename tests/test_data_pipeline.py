@@ -112,13 +112,17 @@ def test_k_core_keeps_what_a_plain_k_core_keeps(tmp_path, ray_session):
 
 @pytest.mark.timeout(180)
 def test_json_formats_go_through_the_same_shards_and_samples_are_seeded(tiny_data_dir, tmp_path, ray_session):
-    cfg = DataConfig(path=str(tiny_data_dir), train_samples=50)
+    cfg = DataConfig(path=str(tiny_data_dir), train_samples=50, valid_samples=10)
     data = prepare_dataset(cfg, tmp_path / "prep", tmp_path, seed=3)
     full = load_dataset(DataConfig(path=str(tiny_data_dir)), tmp_path)
     rows = data.rows("train")
     assert len(rows) == 50 == data.counts["train"] and set(rows) <= set(full.train)
     assert data.catalogue.popularity.sum() == sum(len(e.history) + 1 for e in rows)
-    assert data.rows("valid") == sorted(full.valid, key=lambda e: e.row_id)
+    valid = data.rows("valid")
+    assert len(valid) == 10 and set(valid) < set(full.valid)
+    # another seed trains on other rows but is scored on the same ones
+    other = prepare_dataset(cfg, tmp_path / "prep4", tmp_path, seed=4)
+    assert other.rows("train") != rows and other.rows("valid") == valid
     picked = data.rows("train", 20, seed=1)
     assert len(picked) == 20 and picked == sample_examples(data.split_dir("train"), 20, 1) and set(picked) <= set(rows)
     assert picked != data.rows("train", 20, seed=2)

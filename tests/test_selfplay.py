@@ -20,7 +20,9 @@ from safetensors.torch import load_file
 from sprec_ray.artefacts import read_catalogue
 from sprec_ray.cli import main
 from sprec_ray.config import load_config
+from sprec_ray.data.candidates import candidates_of
 from sprec_ray.data.catalogue import load_sprec_catalogue
+from sprec_ray.data.prepared import open_prepared
 from sprec_ray.selfplay import run_selfplay
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,13 +56,14 @@ def finished_run(tmp_path_factory, data_dir, ray_session):
 
 @pytest.fixture(scope="module")
 def candidate_run(finished_run, data_dir, tmp_path_factory):
-    """The candidate task, cheaply: the finished run's warm start as init adapter and no round, so
-    no training; its valid and test splits are evaluated on 5 candidates per row."""
+    """The candidate task from the finished run's warm start: one self-play round whose negatives are
+    the model's own wrong picks among 5 candidates per row; only the final adapter is scored, on valid
+    and test (eval.every_round=false: the warm start was scored in the finished run)."""
     warm = json.loads((finished_run[0] / "manifests" / "r0_sft.json").read_text())["outputs"]["adapter"]
     out = tmp_path_factory.mktemp("run") / "cand"
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [*_overrides(out, data_dir), "selfplay.rounds=0",
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [*_overrides(out, data_dir), "selfplay.round_samples=8",
                                                        f"selfplay.init_adapter={warm}", "data.task=candidates",
-                                                       "data.num_candidates=5"])
+                                                       "data.num_candidates=5", "eval.every_round=false"])
     run_selfplay(cfg)
     return out
 
@@ -113,15 +116,28 @@ def test_run_writes_every_phase_report_and_final_model(finished_run, data_dir):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_candidate_task_reports_hr1_and_valid_ratio_for_valid_and_test(candidate_run):
+def test_candidate_task_trains_on_wrong_candidates_and_reports_hr1_and_valid_ratio(candidate_run):
     metrics = json.loads((candidate_run / "metrics.json").read_text())
-    [valid], [test] = metrics["rounds"], metrics["test"]  # the one adapter, on each split
-    assert valid["label"] == test["label"] == "r0 (SFT)" and (valid["n_rows"], test["n_rows"]) == (12, TEST_ROWS)
+    [valid], [test] = metrics["rounds"], metrics["test"]  # the final adapter, on each split
+    assert not (candidate_run / "manifests" / "r0_eval.json").exists() and (candidate_run / "manifests" / "r1_negatives.json").exists()
+    assert test["label"] == "r1" and (valid["n_rows"], test["n_rows"]) == (12, TEST_ROWS)
     for split, m in (("eval", valid), ("test", test)):
-        predictions = [json.loads(line) for line in (candidate_run / "r0" / f"{split}_predictions.jsonl").read_text().splitlines()]
+        predictions = [json.loads(line) for line in (candidate_run / "r1" / f"{split}_predictions.jsonl").read_text().splitlines()]
         assert all(len(set(p["candidates"])) == 5 and p["target"] in p["candidates"] for p in predictions)
         assert m["cand_ValidRatio"] == sum(len(p["named"]) == 1 for p in predictions) / len(predictions)
         assert 0.0 <= m["cand_HR@1"] <= 1.0 and "HR@1" in m  # beside, not instead of, the grounded metrics
+    # the round's DPO rejected only non-target candidates of each row, and every completion is accounted for
+    stats = json.loads((candidate_run / "manifests" / "r1_negatives.json").read_text())["metrics"]
+    negatives = pq.read_table(candidate_run / "r1" / "negatives.parquet").to_pylist()
+    assert stats["negatives"] == stats["own_wrong"] + stats["random_fill"] == len(negatives) == 8
+    assert stats["completions"] == sum(stats[k] for k in ("own_wrong", "equal_to_positive", "no_candidate",
+                                                          "several_candidates", "duplicates", "surplus"))
+    prepared = open_prepared(candidate_run / "data" / "prepared")
+    rows = {e.row_id: e for e in prepared.rows("train")}
+    for row in negatives:
+        e = rows[row["row_id"]]
+        assert row["negatives"][0] in candidates_of(e, len(prepared.catalogue), 5, seed=0) and row["negatives"][0] != e.target
+    assert json.loads((candidate_run / "manifests" / "r1_dpo.json").read_text())["metrics"]["pairs"] == 8
     report = (candidate_run / "report.md").read_text()
     assert report.count("## candidate task") == 1 and "### test candidate task" in report
 

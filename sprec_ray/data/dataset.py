@@ -73,8 +73,8 @@ def load_dataset(cfg: DataConfig, scratch_dir: str | Path, seed: int = 0) -> Rec
         train, valid, bad_valid = splits["train"], splits["valid"], BadRows(f"{path} (valid)")
         files = [path] + ([items] if items else [])
     if cfg.format != "interactions":
-        train = [Example(e.row_id, e.history[-cfg.max_history :], e.target, e.candidates) for e in train]
-        valid = [Example(e.row_id, e.history[-cfg.max_history :], e.target, e.candidates) for e in valid]
+        train = [e.last(cfg.max_history) for e in train]
+        valid = [e.last(cfg.max_history) for e in valid]
     if not train:
         raise DataError(f"{path}: no usable training rows ({bad_train.summary()})")
     train = _subsample(train, cfg.train_samples, seed)

@@ -276,8 +276,10 @@ def prepare_dataset(cfg: DataConfig, out: str | Path, scratch_dir: str | Path, s
     counts = dict(result["counts"])
     if counts["train"] == 0:
         raise DataError(f"{path}: no usable training rows (bad rows by reason: {result['bad_rows']})")
-    for split, n, split_seed in (("train", cfg.train_samples, seed), ("valid", cfg.valid_samples, seed + 1),
-                                 ("test", cfg.test_samples, seed + 2)):
+    # The run's seed picks the training rows only: runs that differ in seed are scored on the same
+    # valid / test rows (those a seed-0 run has), so their metrics compare row for row.
+    for split, n, split_seed in (("train", cfg.train_samples, seed), ("valid", cfg.valid_samples, 1),
+                                 ("test", cfg.test_samples, 2)):
         if 0 < n < counts[split]:
             popularity = _subsample(out, split, n, split_seed, len(catalogue))
             counts[split] = n
