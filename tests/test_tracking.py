@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = [{"loss": 2.0, "lr": 1e-3}, {"loss": 1.5, "lr": 9e-4}, {"loss": 1.25, "lr": 8e-4}]
 ROUNDS = [("r0 (SFT)", {"NDCG@5": 0.01, "HR@5": 0.02, "probe_logprob_diff": math.nan}),
           ("r1", {"NDCG@5": 0.03, "HR@5": 0.05, "probe_logprob_diff": 0.01})]
-TESTS = [("r1", {"NDCG@5": 0.04, "cand_HR@1": 0.25})]  # the final round's test split
+TESTS = [("r1", {"NDCG@5": 0.04, "cand_HR@1": 0.25}), ("r2", {"NDCG@5": 0.05})]  # r2: scored on test only
 
 
 def _run(logger: str, out: Path) -> None:
@@ -35,7 +35,7 @@ def _expect(series: dict[str, list[tuple[int, float]]]) -> None:
     assert series["round/NDCG_at5"] == [(0, 0.01), (1, 0.03)]
     assert series["round/HR_at5"] == [(0, 0.02), (1, 0.05)]
     assert series["round/probe_logprob_diff"] == [(1, 0.01)]  # NaN skipped, never written as a value
-    assert series["test/NDCG_at5"] == [(1, 0.04)] and series["test/cand_HR_at1"] == [(1, 0.25)]
+    assert series["test/NDCG_at5"] == [(1, 0.04), (2, 0.05)] and series["test/cand_HR_at1"] == [(1, 0.25)]
 
 
 def test_tensorboard_event_files(tmp_path):

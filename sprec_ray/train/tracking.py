@@ -142,17 +142,19 @@ class Tracker:
 
 def log_rounds(logger: str, config: dict[str, Any], rounds: Sequence[tuple[str, dict[str, float]]],
                tests: Sequence[tuple[str, dict[str, float]]] = ()) -> None:
-    """The driver's per-round metrics as one tracked run "rounds", step = round index: validation as
-    round/<metric>, the test split (final round, or every round) as test/<metric> at its round's step."""
+    """The driver's per-round metrics as one tracked run "rounds": validation as round/<metric>, the
+    test split as test/<metric>, each at its round's number (labels "r0 (SFT)", "r1", ...)."""
     if logger == "none":
         return
     log_dir = Path(str(config.get("output_dir", "."))).resolve() / "tensorboard" / "rounds"
     tracker = Tracker(0, logger, log_dir, "rounds", config)
-    test_of = dict(tests)
+    by_step: dict[int, list[tuple[str, dict[str, float]]]] = {}
+    for prefix, rows in (("round", rounds), ("test", tests)):
+        for label, metrics in rows:  # eval.every_round=false leaves gaps; the step stays the round's
+            by_step.setdefault(int(label[1:].split()[0]), []).append((prefix, metrics))
     try:
-        for step, (label, metrics) in enumerate(rounds):  # in step order: W&B drops a step below its last
-            tracker.log_metrics(step, metrics, "round")
-            if label in test_of:
-                tracker.log_metrics(step, test_of[label], "test")
+        for step in sorted(by_step):  # in step order: W&B drops a step below its last
+            for prefix, metrics in by_step[step]:
+                tracker.log_metrics(step, metrics, prefix)
     finally:
         tracker.close()
