@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -152,5 +153,8 @@ def serve_run(run_dir: str | Path, cfg_overrides: Sequence[str] = (), block: boo
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:  # also while deploying (the proxy answers before serve.run returns)
-        serve.shutdown()  # Serve apps outlive their driver: leave nothing running on the cluster
+        # A second Ctrl-C must not cut the shutdown short: Serve apps outlive their driver, and one
+        # left running holds the cluster's CPUs.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        serve.shutdown()
     return url
