@@ -149,7 +149,7 @@ def test_serve_replicas_load_the_run_from_its_storage(cluster, storage, driver_c
         while "Ctrl-C to stop" not in log.read_text() and proc.poll() is None and time.time() < deadline:
             time.sleep(1)
         # serve_run shuts Serve down on Ctrl-C, pressed again every 15 s as a user would: once, in a
-        # fresh-clone suite, one Ctrl-C right after that line led to no shutdown and the CLI served on.
+        # fresh-clone suite, one Ctrl-C led to no shutdown (the CLI slept an hour at a time then).
         for _ in range(8):
             os.killpg(proc.pid, signal.SIGINT)
             try:

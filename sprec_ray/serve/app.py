@@ -151,7 +151,9 @@ def serve_run(run_dir: str | Path, cfg_overrides: Sequence[str] = (), block: boo
             return url
         print(f"serving {run.run_dir} at {url}  (POST /recommend, GET /healthz); Ctrl-C to stop", flush=True)
         while True:
-            time.sleep(3600)
+            # Short sleeps: a Ctrl-C the kernel hands to one of Ray's threads only raises
+            # KeyboardInterrupt here once the main thread wakes up.
+            time.sleep(1)
     except KeyboardInterrupt:  # also while deploying (the proxy answers before serve.run returns)
         # A second Ctrl-C must not cut the shutdown short: Serve apps outlive their driver, and one
         # left running holds the cluster's CPUs.
