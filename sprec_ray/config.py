@@ -131,6 +131,9 @@ class TrainConfig:
     # length-bucketed, so long rows travel in small batches and short rows in large ones.
     max_tokens_per_batch: int = 0
     gradient_checkpointing: bool = False
+    # DPO / S-DPO rows as one sequence, the prompt computed once for all 1+K responses
+    # (train/shared_prefix.py); "auto" = on where the attention takes a 4-D mask (sdpa, eager).
+    prefix_sharing: Literal["auto", "on", "off"] = "auto"
     gpus_per_worker: float = 1.0  # with use_gpu; 0.5 lets a trainer share one GPU with a generation actor
 
 
@@ -271,6 +274,9 @@ def _check_cross_fields(cfg: RunConfig) -> None:
             raise ConfigError(f"{key} must be in [0, 1), got {value}")
     if cfg.train.max_tokens_per_batch < 0:
         raise ConfigError(f"train.max_tokens_per_batch must be >= 0 (0 = off), got {cfg.train.max_tokens_per_batch}")
+    if cfg.train.prefix_sharing == "on" and cfg.model.attn_implementation == "flash_attention_2":
+        raise ConfigError("train.prefix_sharing=on needs a 4-D attention mask, which model.attn_implementation="
+                          "flash_attention_2 does not take; use sdpa or eager, or train.prefix_sharing auto/off")
     if cfg.train.use_gpu and not 0.0 < cfg.train.gpus_per_worker <= 1.0:
         raise ConfigError(f"train.gpus_per_worker must be in (0, 1], got {cfg.train.gpus_per_worker}")
     if not 0.0 <= cfg.sft.cft.beta <= 1.0:
@@ -291,6 +297,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return _build(hint, value, key)
     if origin is Literal:
         allowed = typing.get_args(hint)
+        if isinstance(value, bool) and {"on", "off"} <= set(allowed):  # YAML 1.1 reads on/off as booleans
+            value = "on" if value else "off"
         if value not in allowed:
             raise ConfigError(f"{key} = {value!r} is not allowed; choose one of {list(allowed)}")
         return value

@@ -47,7 +47,13 @@ class PairRow:
 
     @property
     def length(self) -> int:
+        """Tokens computed when every response is its own `prompt ++ response` row."""
         return (len(self.prompt) + 1) * (1 + len(self.rejected)) + len(self.chosen) + sum(len(r) for r in self.rejected)
+
+    @property
+    def shared_length(self) -> int:
+        """Tokens computed as one prefix-shared sequence (`shared_prefix.py`)."""
+        return len(self.prompt) + len(self.chosen) + sum(len(r) for r in self.rejected)
 
 
 class Encoder:
@@ -225,6 +231,10 @@ class SeqBatch:
     def model_inputs(self) -> dict[str, Any]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids,
                 "logits_to_keep": self.logits_to_keep, "use_cache": False}
+
+    def response_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, R+1, V) kept logits -> (B, R, V) logits predicting each right-aligned label."""
+        return logits[:, :-1, :]
 
 
 def collate(prompts: Sequence[Ids], responses: Sequence[Ids], pad_id: int) -> SeqBatch:

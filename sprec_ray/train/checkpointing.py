@@ -5,8 +5,9 @@ Layout of one Ray Train checkpoint (per-rank directories are merged by Ray in ru
     adapter/              PEFT save_pretrained of the current stage's LoRA (rank 0; fp32, gathered from ZeRO)
     trainer_state.json    current stage, its step and per-step history, the finished stages' histories (rank 0)
     engine/               optimizer state: DeepSpeed save_checkpoint (every rank writes its ZeRO
-                          partition) or torch optimizer.pt (rank 0, identical on all DDP ranks)
-    stages/<name>/        the final adapter of every stage finished so far (rank 0)
+                          partition, no module weights) or torch optimizer.pt (rank 0, identical on all DDP ranks)
+    stages/<name>/        the final adapter of every earlier stage finished so far (rank 0); a finished
+                          current stage's adapter is adapter/ itself, never a second copy
 
 Only trainable parameters are saved; frozen base weights come from the base checkpoint on restore.
 A fit's last checkpoint therefore holds every stage's adapter: the driver exports them from it.
@@ -74,6 +75,8 @@ def write_checkpoint(engine: TrainEngine, state: TrainerState, rank: int, stagin
         if state.done:  # the stage's final adapter joins the finished ones, in this and every later checkpoint
             finished[state.name] = read_adapter_files(directory / ADAPTER_DIR)
         for name, files in finished.items():
+            if name == state.name:
+                continue  # adapter/ is this stage's final adapter
             (directory / STAGES_DIR / name).mkdir(parents=True)
             for file, blob in files.items():
                 (directory / STAGES_DIR / name / file).write_bytes(blob)
@@ -91,8 +94,13 @@ def read_checkpoint(checkpoint: Any, config_digest: str, stage_names: list[str])
                 f"checkpoint {checkpoint.path} belongs to stage {state.name!r} with config digest {state.config_digest}, "
                 f"not one of {stage_names} / {config_digest}; Ray Train resumes runs by (storage_path, name), "
                 "so use a new run name or delete the old run directory")
-        finished = {name: read_adapter_files(directory / STAGES_DIR / name) for name in state.finished}
+        finished = {name: read_adapter_files(_stage_dir(directory, state, name)) for name in state.finished}
     return state, finished
+
+
+def _stage_dir(directory: Path, state: TrainerState, stage: str) -> Path:
+    """Where a checkpoint keeps a finished stage's adapter (see the module docstring)."""
+    return directory / (ADAPTER_DIR if stage == state.name and state.done else f"{STAGES_DIR}/{stage}")
 
 
 def load_engine_state(checkpoint: Any, engine: TrainEngine) -> None:
@@ -108,7 +116,7 @@ def export_adapter(checkpoint: Any, out_dir: Path, stage: str) -> Path:
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     with checkpoint.as_directory() as raw:
-        source = Path(raw) / STAGES_DIR / stage
+        source = _stage_dir(Path(raw), TrainerState.from_json((Path(raw) / STATE_FILE).read_text()), stage)
         if not source.is_dir():
             raise RuntimeError(f"checkpoint {checkpoint.path} holds no finished stage {stage!r}")
         shutil.copytree(source, partial)

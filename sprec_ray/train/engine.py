@@ -141,6 +141,10 @@ class DeepSpeedTrainEngine(TrainEngine):
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model.to(device), optimizer=optimizer,
                                                                  config=config, dist_init_required=False)
+        # DeepSpeed's exclude_frozen_parameters filters by named_parameters(), which skips a tied LM
+        # head: every checkpoint carried the frozen embedding (123 MB for SmolLM2). The LoRA weights
+        # travel in the checkpoint's adapter/ and in ZeRO's fp32 partitions, so the module needs none.
+        self.engine.module_state_dict = lambda *args, **kwargs: {}
         self._grad_norm = 0.0
 
     def __call__(self, **inputs: Any) -> Any:
@@ -174,10 +178,11 @@ class DeepSpeedTrainEngine(TrainEngine):
         return out
 
     def save_state(self, directory: Path, rank: int) -> None:
-        # Frozen base weights are rebuilt from the base checkpoint; only LoRA + optimizer state is saved.
+        # Frozen base weights are rebuilt from the base checkpoint; only ZeRO's optimizer partitions are saved.
         self.engine.save_checkpoint(str(directory), tag="state", save_latest=False, exclude_frozen_parameters=True)
 
     def load_state(self, directory: Path, adapter_dir: Path) -> None:
+        self.load_adapter_weights(adapter_dir)  # then ZeRO restores the same values from its fp32 partitions
         path, _ = self.engine.load_checkpoint(str(directory), tag="state", load_module_strict=False,
                                               load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:

@@ -29,6 +29,7 @@ import torch
 from ..config import RunConfig
 from ..data.records import DataError
 from ..models.base import model_dir
+from ..runtime import use_prebuilt_extensions
 from .batching import (
     Encoder,
     encode_pair_batch,
@@ -198,6 +199,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if os.environ.get("DS_ACCELERATOR") == "cpu":
             os.environ["DS_ACCELERATOR"] = "cuda"
     os.environ.update(env)  # before deepspeed is imported: DS_ACCELERATOR, TORCH_EXTENSIONS_DIR
+    use_prebuilt_extensions()
     import ray.train
     from transformers import AutoTokenizer
 
@@ -286,8 +288,12 @@ def _run_stage(spec: FitSpec, stage: StageSpec, index: int, engine: Any, encoder
         state.history = resume.history[:resume.step]
     if rank == 0:
         setup = ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in marks.items() if v)
+        layout = ""
+        if stage.phase == "dpo":
+            layout = ("; prefix-shared rows" if objective.shared else "; one row per response (train.prefix_sharing="
+                      f"{cfg.train.prefix_sharing}, model.attn_implementation={cfg.model.attn_implementation})")
         progress(f"[{stage.name}] {engine.name}, {world} workers x {common} rows, {plan.total} steps "
-                 f"({plan.per_epoch}/epoch); setup: {setup}")
+                 f"({plan.per_epoch}/epoch); setup: {setup}{layout}")
 
     tracker = Tracker(rank, cfg.train.logger, Path(spec.log_dir) / stage.name, stage.name, cfg.to_dict())
     stat_names = objective.stat_names

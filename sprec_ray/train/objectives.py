@@ -22,6 +22,7 @@ import torch
 from ..config import RunConfig
 from .batching import (
     PairRow,
+    SeqBatch,
     SFTRow,
     collate_pairs,
     collate_sft,
@@ -30,12 +31,12 @@ from .batching import (
 )
 from .engine import TrainEngine
 from .losses import cft_loss_sum, dpo_loss, preference_stats, sdpo_loss, sequence_logps, sft_loss_sum
+from .shared_prefix import SharedPrefixBatch, collate_pairs_shared, use_prefix_sharing
 
 
-def response_logits(engine: TrainEngine | Any, batch: Any) -> torch.Tensor:
-    """(B, R, V) logits predicting each right-aligned response token."""
-    out = engine(**batch.model_inputs())
-    return out.logits[:, :-1, :]
+def response_logits(engine: TrainEngine | Any, batch: SeqBatch | SharedPrefixBatch) -> torch.Tensor:
+    """(sequences, R, V) logits predicting each right-aligned response token."""
+    return batch.response_logits(engine(**batch.model_inputs()).logits)
 
 
 def cft_weight_sum(n: int, beta: float) -> float:
@@ -91,9 +92,16 @@ class PreferenceObjective:
         self.kind = cfg.dpo.loss
         self.ref_batch = cfg.dpo.batch_size
         self.ref: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.shared = use_prefix_sharing(cfg.train.prefix_sharing, cfg.model.attn_implementation)
+        self.mask_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
 
     def lengths(self) -> list[int]:
-        return [r.length for r in self.rows]
+        return [r.shared_length if self.shared else r.length for r in self.rows]
+
+    def collate(self, rows: Sequence[PairRow]) -> SeqBatch | SharedPrefixBatch:
+        if self.shared:
+            return collate_pairs_shared(rows, self.pad_id, self.mask_dtype).to(self.device)
+        return collate_pairs(rows, self.pad_id).to(self.device)
 
     @torch.no_grad()
     def prepare(self, engine: TrainEngine) -> None:
@@ -101,7 +109,7 @@ class PreferenceObjective:
         engine.train(False)
         for idx in plan_sorted(self.lengths(), self.ref_batch):
             rows = [self.rows[i] for i in idx]
-            batch = collate_pairs(rows, self.pad_id).to(self.device)
+            batch = self.collate(rows)
             logps = sequence_logps(response_logits(engine, batch), batch.labels).float().cpu()
             chosen, rejected = split_pair_logps(logps, len(rows))
             for j, row in enumerate(rows):
@@ -113,7 +121,7 @@ class PreferenceObjective:
 
     def loss(self, engine: TrainEngine, idx: Sequence[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
         rows = [self.rows[i] for i in idx]
-        batch = collate_pairs(rows, self.pad_id).to(self.device)
+        batch = self.collate(rows)
         logps = sequence_logps(response_logits(engine, batch), batch.labels)
         chosen, rejected = split_pair_logps(logps, len(rows))
         ref_c = torch.stack([self.ref[r.row_id][0] for r in rows]).to(logps.device)

@@ -137,7 +137,7 @@ def run_fit(cfg: RunConfig, base_model: Path, stages: Sequence[Stage], init_adap
                                                resources_per_worker=None if local else resources),
         run_config=ray.train.RunConfig(name=name, storage_path=storage_path(cfg),
                                        failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),  # resume needs the latest only
         datasets=datasets,
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
     )
