@@ -16,6 +16,8 @@ over workers, over the steps after the first (start-up excluded):
 side by side on SmolLM2 with the default config's Goodreads prompts (train/shared_prefix.py): step
 time, reference-pass time, tokens computed, and shared / unshared ratios, into
 benchmarks/results/prefix_sharing.json, with the machine's fp32 matmul peak measured in the same run.
+`--sft-layouts` times SmolLM2 SFT with two workers of one core against one worker on both cores
+(results/sft_layouts.json): tokens/s as a share of that peak, each fit's fixed cost, checkpoint size.
 
 `--model 0.5b` builds a random-init Llama with Qwen2.5-0.5B's shape (hidden 896, 24 layers, 14 heads,
 2 KV heads, MLP 4864, vocab 151936, tied embeddings: ~494M parameters). MFU is only printed on CUDA:
@@ -113,9 +115,10 @@ def main() -> None:
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--out", default="", help="default: benchmarks/results/train_throughput_{cpu,gpu}.json")
     ap.add_argument("--prefix-sharing", action="store_true", help="shared vs separate preference rows (see above)")
+    ap.add_argument("--sft-layouts", action="store_true", help="SmolLM2 SFT: worker layouts vs the matmul peak (see above)")
     args = ap.parse_args()
-    if args.prefix_sharing:
-        prefix_sharing(args)
+    if args.prefix_sharing or args.sft_layouts:
+        (prefix_sharing if args.prefix_sharing else sft_layouts)(args)
         return
 
     import ray.data
@@ -211,35 +214,52 @@ def _step_s(result) -> float:
     return sum(h["step_time_s"] for h in timed) / len(timed)
 
 
-def prefix_sharing(args: argparse.Namespace) -> None:
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+
+
+def _smollm2_goodreads(work: Path, n: int) -> tuple[Path, list[dict], dict[int, float], str]:
+    """SmolLM2, n Goodreads train rows rendered as the default config renders them (3 random rejected
+    titles each), the fp32 matmul peak on 1 and 2 threads, and the machine's name."""
     import random
     import subprocess
 
-    import ray.data
-    import torch
     from generate_throughput import matmul_peak
 
     from sprec_ray.config import DataConfig
     from sprec_ray.models.base import resolve_base_model
-    from sprec_ray.train.phases import run_dpo
 
-    work = Path("bench_out") / "prefix_sharing_work"
-    cfg0 = load_config(Path(__file__).parents[1] / "configs" / "default.yaml")
+    max_history = load_config(DEFAULT_CONFIG).data.max_history
     data = load_dataset(DataConfig(path="bundled"), work / "scratch")
     titles = data.catalogue.titles
     model_dir = resolve_base_model("smollm2", Path("bench_out") / "models").resolve()
     rng = random.Random(0)
-    examples = [e.last(cfg0.data.max_history) for e in data.train[:args.rows]]
     rows = [{"row_id": e.row_id, "prompt": render_prompt([titles[i] for i in e.history]), "response": render_response(titles[e.target]),
-             "rejected": [render_response(titles[rng.randrange(len(titles))]) for _ in range(3)]} for e in examples]
+             "rejected": [render_response(titles[rng.randrange(len(titles))]) for _ in range(3)]}
+            for e in (x.last(max_history) for x in data.train[:n])]
+    peak = {t: matmul_peak(t, "float32") for t in (1, 2)}
+    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), platform.machine())
+    return model_dir, rows, peak, f"{name}, {os.cpu_count()} cores"
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def prefix_sharing(args: argparse.Namespace) -> None:
+    import ray.data
+
+    from sprec_ray.train.phases import run_dpo
+
+    work = Path("bench_out") / "prefix_sharing_work"
+    model_dir, rows, peak, machine = _smollm2_goodreads(work, args.rows)
     init_ray(num_cpus=4)
     start_adapter = fresh_adapter(model_dir, work / "start")
-    peak = {t: matmul_peak(t, "float32") for t in (1, 2)}
     results = []
     for loss, k in (("dpo", 1), ("sdpo", 3)):
         for layout in ("shared", "unshared"):
             pairs = [{**r, "rejected": r["rejected"][:k]} for r in rows]
-            cfg = load_config(Path(__file__).parents[1] / "configs" / "default.yaml", [
+            cfg = load_config(DEFAULT_CONFIG, [
                 f"output_dir={work}/runs", f"dpo.loss={loss}", f"dpo.num_negatives={k}", f"dpo.max_steps={args.steps}",
                 "dpo.epochs=1000", "train.checkpoint_every=1000", f"train.prefix_sharing={'on' if layout == 'shared' else 'off'}"])
             name = f"prefix-{loss}-{layout}-{time.strftime('%H%M%S')}"
@@ -256,23 +276,72 @@ def prefix_sharing(args: argparse.Namespace) -> None:
         r["step_ratio"] = r["step_s"] / other["step_s"]
         r["reference_ratio"] = r["reference_s"] / other["reference_s"]
         r["tokens_ratio"] = r["tokens_per_step"] / other["tokens_per_step"]
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model_name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), platform.machine())
-    report = {"model": "SmolLM2-135M-Instruct", "machine": f"{model_name}, {os.cpu_count()} cores",
-              "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    report = {"model": "SmolLM2-135M-Instruct", "machine": machine,
               "matmul_peak_gflops_fp32": {str(t): v / 1e9 for t, v in peak.items()},
               "config": "configs/default.yaml (dpo.batch_size 2 x grad_accum 2 per worker, 2 workers, ZeRO-2)",
               "rows": len(rows), "steps": args.steps, "results": results}
     out = Path(args.out or Path(__file__).parent / "results" / "prefix_sharing.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    print(f"\n{report['model']} on {report['machine']}; fp32 matmul peak {peak[1] / 1e9:.0f} GFLOP/s (1 thread), "
-          f"{peak[2] / 1e9:.0f} (2)\n")
+    print(f"\n{report['model']} on {machine}; fp32 matmul peak {peak[1] / 1e9:.0f} GFLOP/s (1 thread), {peak[2] / 1e9:.0f} (2)\n")
     print("| loss | K | layout | step s | reference pass s | tokens/step | step ratio | reference ratio |")
     print("|---|---:|---|---:|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r['loss']} | {r['k']} | {r['layout']} | {r['step_s']:.2f} | {r['reference_s']:.1f} | {r['tokens_per_step']:,.0f} | "
               f"{r['step_ratio']:.2f} | {r['reference_ratio']:.2f} |")
+    shutil.rmtree(work / "runs", ignore_errors=True)
+    print(f"\nwrote {out}")
+
+
+SFT_LAYOUTS = {  # name -> overrides of configs/default.yaml
+    "2 workers x 1 core, ZeRO-2": ["train.num_workers=2", "train.cpus_per_worker=0.5", "train.zero_stage=2"],
+    "1 worker x 2 cores, ZeRO-2": ["train.num_workers=1", "train.cpus_per_worker=2", "train.zero_stage=2"],
+    "1 worker x 2 cores, torch": ["train.num_workers=1", "train.cpus_per_worker=2", "train.zero_stage=0"],
+}
+
+
+def sft_layouts(args: argparse.Namespace) -> None:
+    """SFT on SmolLM2 with the default prompts: worker layouts side by side, as a share of the fp32
+    matmul peak (4 x non-embedding weights x tokens/s: LoRA's forward plus the backward through the
+    frozen weights), the fixed cost of each fit, and the size of its final checkpoint."""
+    import ray.data
+
+    from sprec_ray.train.phases import run_sft
+
+    work = Path("bench_out") / "sft_layouts_work"
+    model_dir, rows, peak, machine = _smollm2_goodreads(work, args.rows)
+    _, n_nonembed = param_counts(model_dir)
+    init_ray(num_cpus=4)
+    results = []
+    for layout, overrides in SFT_LAYOUTS.items():
+        cfg = load_config(DEFAULT_CONFIG, [f"output_dir={work}/runs", f"sft.max_steps={args.steps}", "sft.epochs=1000",
+                                           "train.checkpoint_every=1000", *overrides])
+        name = f"sft-{len(results)}-{time.strftime('%H%M%S')}"
+        sft_rows = [{k: r[k] for k in ("row_id", "prompt", "response")} for r in rows]
+        res = run_sft(cfg, model_dir, ray.data.from_items(sft_rows), work / "adapters" / name, None, name)
+        m = res.metrics
+        tps = m["tokens_per_s"]
+        results.append({"layout": layout, "overrides": overrides, "tokens_per_s": tps,
+                        "peak_share": 4 * n_nonembed * tps / peak[2], "fit_s": m["fit_s"],
+                        "fixed_s": m["fit_s"] - m["loop_s"], "setup_s": m.get("setup_s", 0.0), "data_s": m.get("data_s", 0.0),
+                        "checkpoint_mb": _dir_bytes(Path(res.checkpoint_path)) / 1e6,
+                        "adapter_mb": (res.adapter_dir / "adapter_model.safetensors").stat().st_size / 1e6,
+                        "load_average_1m": os.getloadavg()[0]})
+        r = results[-1]
+        print(f"{layout}: {tps:,.0f} tokens/s = {100 * r['peak_share']:.0f}% of the 2-thread peak, fit {r['fit_s']:.1f} s, "
+              f"fixed {r['fixed_s']:.1f} s, checkpoint {r['checkpoint_mb']:.1f} MB", flush=True)
+    report = {"model": "SmolLM2-135M-Instruct", "non_embedding_params": n_nonembed, "machine": machine,
+              "matmul_peak_gflops_fp32": {str(t): v / 1e9 for t, v in peak.items()}, "rows": len(rows), "steps": args.steps,
+              "config": "configs/default.yaml (sft.batch_size 4 x grad_accum 2)", "results": results}
+    out = Path(args.out or Path(__file__).parent / "results" / "sft_layouts.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nSmolLM2 SFT on {machine}; fp32 matmul peak {peak[1] / 1e9:.0f} GFLOP/s (1 thread), {peak[2] / 1e9:.0f} (2)\n")
+    print("| layout | tokens/s | share of peak | fit s | fixed s | checkpoint MB | adapter MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['layout']} | {r['tokens_per_s']:,.0f} | {100 * r['peak_share']:.0f}% | {r['fit_s']:.1f} | {r['fixed_s']:.1f} | "
+              f"{r['checkpoint_mb']:.1f} | {r['adapter_mb']:.1f} |")
     shutil.rmtree(work / "runs", ignore_errors=True)
     print(f"\nwrote {out}")
 
