@@ -292,7 +292,7 @@ def _run_stage(spec: FitSpec, stage: StageSpec, index: int, engine: Any, encoder
         if stage.phase == "dpo":
             layout = ("; prefix-shared rows" if objective.shared else "; one row per response (train.prefix_sharing="
                       f"{cfg.train.prefix_sharing}, model.attn_implementation={cfg.model.attn_implementation})")
-        progress(f"[{stage.name}] {engine.name}, {world} workers x {common} rows, {plan.total} steps "
+        progress(f"[{stage.name}] {engine.name}, {world} workers x {common} rows x {torch.get_num_threads()} threads, {plan.total} steps "
                  f"({plan.per_epoch}/epoch); setup: {setup}{layout}")
 
     tracker = Tracker(rank, cfg.train.logger, Path(spec.log_dir) / stage.name, stage.name, cfg.to_dict())
