@@ -276,19 +276,26 @@ def prefix_sharing(args: argparse.Namespace) -> None:
         r["step_ratio"] = r["step_s"] / other["step_s"]
         r["reference_ratio"] = r["reference_s"] / other["reference_s"]
         r["tokens_ratio"] = r["tokens_per_step"] / other["tokens_per_step"]
+    table = [f"| {r['loss']} | {r['k']} | {r['layout']} | {r['step_s']:.2f} | {r['reference_s']:.1f} | "
+             f"{r['tokens_per_step']:,.0f} | {r['step_ratio']:.2f} | {r['reference_ratio']:.2f} |" for r in results]
+    _finish(args, work, "prefix_sharing.json", machine, peak, {
+        "config": "configs/default.yaml (dpo.batch_size 2 x grad_accum 2 per worker, 2 workers, ZeRO-2)",
+        "rows": len(rows), "steps": args.steps, "results": results},
+        "| loss | K | layout | step s | reference pass s | tokens/step | step ratio | reference ratio |", table)
+
+
+def _finish(args: argparse.Namespace, work: Path, name: str, machine: str, peak: dict[int, float], report: dict,
+            header: str, table: list[str]) -> None:
+    """Write the JSON (with the machine and its peak), print the Markdown table, drop the timed runs."""
     report = {"model": "SmolLM2-135M-Instruct", "machine": machine,
-              "matmul_peak_gflops_fp32": {str(t): v / 1e9 for t, v in peak.items()},
-              "config": "configs/default.yaml (dpo.batch_size 2 x grad_accum 2 per worker, 2 workers, ZeRO-2)",
-              "rows": len(rows), "steps": args.steps, "results": results}
-    out = Path(args.out or Path(__file__).parent / "results" / "prefix_sharing.json")
+              "matmul_peak_gflops_fp32": {str(t): v / 1e9 for t, v in peak.items()}, **report}
+    out = Path(args.out or Path(__file__).parent / "results" / name)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    print(f"\n{report['model']} on {machine}; fp32 matmul peak {peak[1] / 1e9:.0f} GFLOP/s (1 thread), {peak[2] / 1e9:.0f} (2)\n")
-    print("| loss | K | layout | step s | reference pass s | tokens/step | step ratio | reference ratio |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|")
-    for r in results:
-        print(f"| {r['loss']} | {r['k']} | {r['layout']} | {r['step_s']:.2f} | {r['reference_s']:.1f} | {r['tokens_per_step']:,.0f} | "
-              f"{r['step_ratio']:.2f} | {r['reference_ratio']:.2f} |")
+    print(f"\nSmolLM2 on {machine}; fp32 matmul peak {peak[1] / 1e9:.0f} GFLOP/s (1 thread), {peak[2] / 1e9:.0f} (2)\n")
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    print("\n".join(table))
     shutil.rmtree(work / "runs", ignore_errors=True)
     print(f"\nwrote {out}")
 
@@ -330,20 +337,12 @@ def sft_layouts(args: argparse.Namespace) -> None:
         r = results[-1]
         print(f"{layout}: {tps:,.0f} tokens/s = {100 * r['peak_share']:.0f}% of the 2-thread peak, fit {r['fit_s']:.1f} s, "
               f"fixed {r['fixed_s']:.1f} s, checkpoint {r['checkpoint_mb']:.1f} MB", flush=True)
-    report = {"model": "SmolLM2-135M-Instruct", "non_embedding_params": n_nonembed, "machine": machine,
-              "matmul_peak_gflops_fp32": {str(t): v / 1e9 for t, v in peak.items()}, "rows": len(rows), "steps": args.steps,
-              "config": "configs/default.yaml (sft.batch_size 4 x grad_accum 2)", "results": results}
-    out = Path(args.out or Path(__file__).parent / "results" / "sft_layouts.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nSmolLM2 SFT on {machine}; fp32 matmul peak {peak[1] / 1e9:.0f} GFLOP/s (1 thread), {peak[2] / 1e9:.0f} (2)\n")
-    print("| layout | tokens/s | share of peak | fit s | fixed s | checkpoint MB | adapter MB |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for r in results:
-        print(f"| {r['layout']} | {r['tokens_per_s']:,.0f} | {100 * r['peak_share']:.0f}% | {r['fit_s']:.1f} | {r['fixed_s']:.1f} | "
-              f"{r['checkpoint_mb']:.1f} | {r['adapter_mb']:.1f} |")
-    shutil.rmtree(work / "runs", ignore_errors=True)
-    print(f"\nwrote {out}")
+    table = [f"| {r['layout']} | {r['tokens_per_s']:,.0f} | {100 * r['peak_share']:.0f}% | {r['fit_s']:.1f} | "
+             f"{r['fixed_s']:.1f} | {r['checkpoint_mb']:.1f} | {r['adapter_mb']:.1f} |" for r in results]
+    _finish(args, work, "sft_layouts.json", machine, peak, {
+        "non_embedding_params": n_nonembed, "config": "configs/default.yaml (sft.batch_size 4 x grad_accum 2)",
+        "rows": len(rows), "steps": args.steps, "results": results},
+        "| layout | tokens/s | share of peak | fit s | fixed s | checkpoint MB | adapter MB |", table)
 
 
 if __name__ == "__main__":
