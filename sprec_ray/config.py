@@ -247,10 +247,38 @@ def _check_cross_fields(cfg: RunConfig) -> None:
         "dpo.num_negatives": cfg.dpo.num_negatives, "sft.grad_accum": cfg.sft.grad_accum,
         "dpo.grad_accum": cfg.dpo.grad_accum, "serve.max_k": cfg.serve.max_k,
         "train.log_every": cfg.train.log_every, "data.num_candidates": cfg.data.num_candidates,
+        "train.checkpoint_every": cfg.train.checkpoint_every, "generation.shard_size": cfg.generation.shard_size,
+        "generation.tensor_parallel": cfg.generation.tensor_parallel,
+        "generation.max_inflight_per_actor": cfg.generation.max_inflight_per_actor,
+        "serve.max_replicas": cfg.serve.max_replicas, "serve.max_batch_size": cfg.serve.max_batch_size,
     }
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    for key, value in {"generation.request_timeout_s": cfg.generation.request_timeout_s,
+                       "generation.startup_timeout_s": cfg.generation.startup_timeout_s,
+                       "train.max_grad_norm": cfg.train.max_grad_norm}.items():
+        if not value > 0:
+            raise ConfigError(f"{key} must be > 0, got {value}")
+    for key, value in {"generation.max_actor_restarts": cfg.generation.max_actor_restarts,
+                       "generation.probe_size": cfg.generation.probe_size,
+                       "generation.probe_tolerance": cfg.generation.probe_tolerance,
+                       "serve.min_replicas": cfg.serve.min_replicas,
+                       "serve.batch_wait_timeout_s": cfg.serve.batch_wait_timeout_s}.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    if cfg.serve.min_replicas > cfg.serve.max_replicas:
+        raise ConfigError(f"serve.min_replicas ({cfg.serve.min_replicas}) must be <= serve.max_replicas ({cfg.serve.max_replicas})")
+    for key, value in {"model.max_prompt_len": cfg.model.max_prompt_len, "model.max_response_len": cfg.model.max_response_len}.items():
+        if value < 2:  # a prompt keeps at least BOS and one token; a response at least one token and EOS
+            raise ConfigError(f"{key} must be >= 2, got {value}")
+    if cfg.generation.decoding == "sample" and not cfg.generation.temperature > 0:
+        raise ConfigError(f"generation.temperature must be > 0 with generation.decoding 'sample', got {cfg.generation.temperature}")
+    if cfg.model.dtype == "float16" and cfg.train.zero_stage == 0:
+        raise ConfigError("model.dtype=float16 needs DeepSpeed's loss scaling: use train.zero_stage 2 or 3, or model.dtype bfloat16")
+    if cfg.generation.tensor_parallel > 1 and cfg.generation.gpus_per_actor < cfg.generation.tensor_parallel:
+        raise ConfigError(f"generation.tensor_parallel={cfg.generation.tensor_parallel} needs generation.gpus_per_actor >= "
+                          f"{cfg.generation.tensor_parallel}, got {cfg.generation.gpus_per_actor}")
     if cfg.data.task == "candidates" and cfg.data.num_candidates < cfg.dpo.num_negatives + 1:
         raise ConfigError(f"data.num_candidates ({cfg.data.num_candidates}) must be >= dpo.num_negatives + 1 "
                           f"({cfg.dpo.num_negatives + 1}): the candidate task's negatives are non-target candidates")

@@ -105,3 +105,33 @@ def test_link_tree_keeps_a_finished_copy_and_redoes_a_killed_one(tmp_path):
     assert not killed.exists() and (target / "sub" / "weights.bin").read_bytes() == b"\x00" * 64
     (target / "extra").write_text("kept")
     assert link_tree(source, target) == target and (target / "extra").exists()  # finished: left alone
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    (["generation.shard_size=0"], r"generation.shard_size must be >= 1, got 0"),
+    (["generation.request_timeout_s=0"], r"generation.request_timeout_s must be > 0, got 0.0"),
+    (["generation.startup_timeout_s=-1"], r"generation.startup_timeout_s must be > 0"),
+    (["generation.max_inflight_per_actor=0"], r"generation.max_inflight_per_actor must be >= 1"),
+    (["generation.probe_tolerance=-0.1"], r"generation.probe_tolerance must be >= 0"),
+    (["train.checkpoint_every=0"], r"train.checkpoint_every must be >= 1, got 0"),
+    (["train.max_grad_norm=0"], r"train.max_grad_norm must be > 0"),
+    (["serve.min_replicas=3", "serve.max_replicas=2"], r"serve.min_replicas \(3\) must be <= serve.max_replicas \(2\)"),
+    (["serve.max_batch_size=0"], r"serve.max_batch_size must be >= 1"),
+    (["serve.batch_wait_timeout_s=-1"], r"serve.batch_wait_timeout_s must be >= 0"),
+    (["model.max_prompt_len=1"], r"model.max_prompt_len must be >= 2, got 1"),
+    (["generation.decoding=sample", "generation.n=2", "generation.temperature=0"],
+     r"generation.temperature must be > 0 with generation.decoding 'sample'"),
+    (["model.dtype=float16", "train.zero_stage=0"], r"model.dtype=float16 needs DeepSpeed's loss scaling"),
+    (["generation.tensor_parallel=2"], r"generation.tensor_parallel=2 needs generation.gpus_per_actor >= 2"),
+    (["train.prefix_sharing=on", "model.attn_implementation=flash_attention_2"], r"train.prefix_sharing=on needs a 4-D"),
+])
+def test_values_that_used_to_fail_after_the_warm_start_fail_at_load(override, message):
+    """Each of these used to pass load_config and fail later: in the pool after the warm-start SFT,
+    in a fit's workers, or when Serve deployed (issue 24)."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / "tiny.yaml", override)
+
+
+def test_prefix_sharing_reads_yaml_on_and_off():
+    assert load_config(None, ["train.prefix_sharing=on"]).train.prefix_sharing == "on"
+    assert load_config(None, ["train.prefix_sharing=off"]).train.prefix_sharing == "off"

@@ -108,10 +108,6 @@ def test_bad_decoding_and_pool_config_fail_with_the_key(tiny_model_dir):
         Decoding("greedy", 2).check()
     with pytest.raises(ValueError, match="temperature must be > 0"):
         Decoding("sample", 2, 0.0).check()
-    with pytest.raises(ValueError, match="generation.shard_size must be >= 1"):
-        GenerationPool(gen_cfg(shard_size=0), tiny_model_dir, 8, 0)
-    with pytest.raises(ValueError, match="tensor_parallel=2 needs gpus_per_actor"):
-        GenerationPool(gen_cfg(tensor_parallel=2), tiny_model_dir, 8, 0)
     with pytest.raises(FileNotFoundError, match="config.json"):
         GenerationPool(gen_cfg(), tiny_model_dir / "missing", 8, 0)
 

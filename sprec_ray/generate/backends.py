@@ -132,10 +132,6 @@ def check_prompt_lengths(lengths: Sequence[int], max_new_tokens: int, max_model_
                              f"exceeds generation.max_model_len={max_model_len} (raise it or shorten the history)")
 
 
-def check_decoding(cfg: GenerationConfig) -> None:
-    Decoding.from_config(cfg).check()
-
-
 def adapter_path(adapter_dir: str | Path | None) -> Path | None:
     if adapter_dir is None:
         return None
@@ -147,7 +143,6 @@ def adapter_path(adapter_dir: str | Path | None) -> Path | None:
 
 def make_backend(cfg: GenerationConfig, base_model: str | Path, max_lora_rank: int, seed: int) -> GenerationBackend:
     """The engine named by cfg.backend ("vllm" | "hf" | "auto") for the base checkpoint at `base_model`."""
-    check_decoding(cfg)
     backend = resolve_backend(cfg)
     if backend == "vllm":
         from .vllm_backend import VLLMBackend

@@ -34,7 +34,7 @@ from ..config import GenerationConfig
 from ..models.base import model_dir
 from ..runtime import worker_env
 from .adapter_check import ProbeResult, compare_probe, reference_token_logprobs, run_probe
-from .backends import Decoding, adapter_path, check_decoding, make_backend, resolve_backend
+from .backends import Decoding, adapter_path, make_backend, resolve_backend
 
 log = logging.getLogger(__name__)
 
@@ -160,28 +160,10 @@ def adapter_fingerprint(adapter_dir: str | Path | None) -> str:
     return digest.hexdigest()[:16]
 
 
-def _check_pool_config(cfg: GenerationConfig) -> None:
-    check_decoding(cfg)
-    positive = {"num_actors": cfg.num_actors, "shard_size": cfg.shard_size, "tensor_parallel": cfg.tensor_parallel,
-                "max_inflight_per_actor": cfg.max_inflight_per_actor, "max_new_tokens": cfg.max_new_tokens}
-    for key, value in positive.items():
-        if value < 1:
-            raise ValueError(f"generation.{key} must be >= 1, got {value}")
-    for key in ("request_timeout_s", "startup_timeout_s"):
-        if not getattr(cfg, key) > 0:
-            raise ValueError(f"generation.{key} must be > 0, got {getattr(cfg, key)}")
-    if cfg.max_actor_restarts < 0 or cfg.probe_size < 0 or cfg.probe_tolerance < 0:
-        raise ValueError("generation.max_actor_restarts, probe_size and probe_tolerance must be >= 0")
-    if cfg.tensor_parallel > 1 and cfg.gpus_per_actor < cfg.tensor_parallel:
-        raise ValueError(f"generation.tensor_parallel={cfg.tensor_parallel} needs gpus_per_actor >= "
-                         f"{cfg.tensor_parallel}, got {cfg.gpus_per_actor}")
-
-
 class GenerationPool:
     def __init__(self, cfg: GenerationConfig, base_model: str | Path, max_lora_rank: int, seed: int) -> None:
         import ray
 
-        _check_pool_config(cfg)
         cfg = dataclasses.replace(cfg, backend=resolve_backend(cfg))  # "auto" decided once, here
         if base_model is None or not (model_dir(base_model) / "config.json").exists():
             raise FileNotFoundError(f"base_model {base_model!r} is not a checkpoint dir with config.json")

@@ -92,12 +92,6 @@ class RecommendService:
 def deployment_options(run: RunInfo) -> dict[str, Any]:
     """Replica resources and autoscaling from the run config (a Serve config file can override them)."""
     s = run.cfg.serve
-    if not 0 <= s.min_replicas <= s.max_replicas or s.max_replicas < 1:
-        raise ConfigError(f"serve.min_replicas={s.min_replicas} and serve.max_replicas={s.max_replicas} must "
-                          f"satisfy 0 <= min_replicas <= max_replicas, max_replicas >= 1")
-    if s.max_batch_size < 1 or s.batch_wait_timeout_s < 0:
-        raise ConfigError(f"serve.max_batch_size must be >= 1 and serve.batch_wait_timeout_s >= 0, got "
-                          f"{s.max_batch_size} and {s.batch_wait_timeout_s}")
     gen = serving_generation(run.cfg.generation)
     env = worker_env()  # the user's HF settings (offline, cache, token) reach the replicas
     if gen.gpus_per_actor == 0:

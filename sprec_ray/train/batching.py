@@ -62,8 +62,6 @@ class Encoder:
     def __init__(self, tokenizer: Any, max_prompt_len: int, max_response_len: int):
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos_token; responses must end with EOS")
-        if max_prompt_len < 2 or max_response_len < 2:
-            raise ValueError(f"model.max_prompt_len ({max_prompt_len}) and model.max_response_len ({max_response_len}) must be >= 2")
         self.tokenizer = tokenizer
         self.eos = int(tokenizer.eos_token_id)
         self.bos = tokenizer.bos_token_id

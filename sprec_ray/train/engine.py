@@ -275,8 +275,6 @@ def build_engine(base_model: Path, cfg: RunConfig, init_adapter: Path | None, lr
             from transformers.integrations import HfDeepSpeedConfig
 
             hf_ds = HfDeepSpeedConfig(ds_config)  # transformers holds only a weakref: keep it alive
-    elif dtype == "float16":
-        raise ValueError("model.dtype=float16 needs DeepSpeed loss scaling: use train.zero_stage 2 or 3, or bfloat16")
     model = build_policy(base_model, cfg.lora, init_adapter, dtype, cfg.seed, cfg.model.attn_implementation,
                          cfg.train.gradient_checkpointing)
     if ds_config is not None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..config import ConfigError, RunConfig
+from ..config import RunConfig
 from ..data.records import DataError
 from .checkpointing import export_adapter, read_state
 from .loop import FAULT_ENV, FitSpec, StageSpec, train_loop
@@ -97,10 +97,6 @@ def _known_columns(ds: Any) -> list[str] | None:
 
 
 def _check(cfg: RunConfig, ds: Any, required: tuple[str, ...], phase: str) -> list[str] | None:
-    if cfg.train.checkpoint_every < 1:
-        raise ConfigError(f"train.checkpoint_every must be >= 1, got {cfg.train.checkpoint_every}")
-    if cfg.train.max_grad_norm <= 0:
-        raise ConfigError(f"train.max_grad_norm must be > 0, got {cfg.train.max_grad_norm}")
     check_logger_available(cfg.train.logger)
     columns = _known_columns(ds)
     missing = [c for c in required if columns is not None and c not in columns]
