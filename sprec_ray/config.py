@@ -232,9 +232,24 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def digest(self) -> str:
-        """Stable short hash of the whole config, stored in every manifest."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, default=list).encode()
+        """Stable short hash of what decides a run's results, stored in every manifest and checkpoint;
+        `--resume` refuses a run whose digest changed. OPERATIONAL_KEYS are left out."""
+        values = self.to_dict()
+        for key in OPERATIONAL_KEYS:
+            section, _, name = key.rpartition(".")
+            (values[section] if section else values).pop(name)
+        blob = json.dumps(values, sort_keys=True, default=list).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# How a run executes, never what it computes: changing one of these does not block --resume.
+OPERATIONAL_KEYS = (
+    "output_dir", "ray_address", "ray_num_cpus", "ray_dashboard", "serve",
+    "train.storage_path", "train.max_failures", "train.logger", "train.checkpoint_every", "train.log_every",
+    "generation.request_timeout_s", "generation.startup_timeout_s", "generation.max_actor_restarts",
+    "generation.max_inflight_per_actor", "generation.keep_alive", "generation.release_while_training",
+    "generation.verify_adapter", "generation.probe_size", "generation.probe_tolerance", "eval.batch_size",
+)
 
 
 def _check_cross_fields(cfg: RunConfig) -> None:

@@ -76,4 +76,17 @@ class ManifestStore:
         })
 
     def completed(self) -> list[str]:
-        return sorted(p.stem for p in self.dir.glob("*.json")) if self.dir.exists() else []
+        """Completed phases in the order they run: by round, then stage (not by file name, which put
+        r1_dpo before r1_sft and r10_* before r2_*)."""
+        return sorted((p.stem for p in self.dir.glob("*.json")), key=phase_order) if self.dir.exists() else []
+
+
+STAGE_ORDER = ("negatives", "sft", "dpo", "eval", "test")
+
+
+def phase_order(name: str) -> tuple[int, int, str]:
+    """Sort key of a phase name: 'prepare' first, then r<N>_<stage> by N and STAGE_ORDER."""
+    head, _, stage = name.partition("_")
+    if head[:1] == "r" and head[1:].isdigit() and stage in STAGE_ORDER:
+        return int(head[1:]), STAGE_ORDER.index(stage), name
+    return (-1, 0, name) if name == "prepare" else (1 << 30, 0, name)

@@ -135,3 +135,18 @@ def test_values_that_used_to_fail_after_the_warm_start_fail_at_load(override, me
 def test_prefix_sharing_reads_yaml_on_and_off():
     assert load_config(None, ["train.prefix_sharing=on"]).train.prefix_sharing == "on"
     assert load_config(None, ["train.prefix_sharing=off"]).train.prefix_sharing == "off"
+
+
+def test_digest_ignores_how_a_run_executes_but_not_what_it_computes():
+    from sprec_ray.config import OPERATIONAL_KEYS
+
+    base = load_config(CONFIGS / "tiny.yaml")
+    operational = ["ray_address=auto", "output_dir=elsewhere", "train.logger=tensorboard", "train.checkpoint_every=7",
+                   "generation.request_timeout_s=5", "serve.port=9000", "serve.max_replicas=4", "eval.batch_size=3"]
+    assert load_config(CONFIGS / "tiny.yaml", operational).digest() == base.digest()
+    for result_changing in (["sft.lr=0.5"], ["seed=9"], ["generation.max_new_tokens=8"], ["train.prefix_sharing=off"]):
+        assert load_config(CONFIGS / "tiny.yaml", result_changing).digest() != base.digest(), result_changing
+    fields = base.to_dict()
+    for key in OPERATIONAL_KEYS:  # every listed key exists, so none silently stops matching after a rename
+        section, _, name = key.rpartition(".")
+        assert name in (fields[section] if section else fields), key

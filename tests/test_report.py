@@ -38,3 +38,13 @@ def test_test_split_and_candidate_task_get_their_own_tables(tmp_path):
     page = (tmp_path / "report.html").read_text()
     assert "<h2>Test split</h2>" in page and "<tr><td>r1</td><td>0.3750</td><td>0.7500</td></tr>" in page
     assert "## Test split" not in write_report(tmp_path, ROWS, [5], "run").read_text()
+
+
+def test_phases_order_by_round_then_stage_not_by_file_name(tmp_path):
+    from sprec_ray.manifest import ManifestStore, PhaseRecord
+
+    store = ManifestStore(tmp_path, "d", 0, {})
+    names = ["prepare", "r0_sft", "r0_eval"] + [f"r{r}_{s}" for r in range(1, 12) for s in ("negatives", "sft", "dpo", "eval")] + ["r11_test"]
+    for name in reversed(names):
+        store.save(PhaseRecord(name, {}, {}, 1.0))
+    assert store.completed() == names
