@@ -264,9 +264,9 @@ def prefix_sharing(args: argparse.Namespace) -> None:
                 "dpo.epochs=1000", "train.checkpoint_every=1000", f"train.prefix_sharing={'on' if layout == 'shared' else 'off'}"])
             name = f"prefix-{loss}-{layout}-{time.strftime('%H%M%S')}"
             res = run_dpo(cfg, model_dir, ray.data.from_items(pairs), work / "adapters" / name, start_adapter, name)
-            m = res.metrics
-            results.append({"loss": loss, "k": k, "layout": layout, "step_s": _step_s(res), "reference_s": m["reference_s"],
-                            "tokens_per_step": m["tokens_per_s"] * _step_s(res), "steps": m["steps"], "fit_s": m["fit_s"],
+            m, step_s = res.metrics, _step_s(res)
+            results.append({"loss": loss, "k": k, "layout": layout, "step_s": step_s, "reference_s": m["reference_s"],
+                            "tokens_per_step": m["tokens_per_s"] * step_s, "steps": m["steps"], "fit_s": m["fit_s"],
                             "fixed_s": m["fit_s"] - m["loop_s"] - m["reference_s"],
                             "load_average_1m": os.getloadavg()[0]})
             print(f"{loss} K={k} {layout}: step {results[-1]['step_s']:.2f} s, reference pass {m['reference_s']:.1f} s, "

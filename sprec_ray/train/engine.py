@@ -24,7 +24,7 @@ import torch
 
 from ..config import LoraConfig, RunConfig
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_policy(base_model: Path, lora: LoraConfig, init_adapter: Path | None, dtype: str, seed: int,
@@ -39,7 +39,7 @@ def build_policy(base_model: Path, lora: LoraConfig, init_adapter: Path | None, 
     if attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ImportError("model.attn_implementation=flash_attention_2 needs the flash-attn package on every train worker")
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=_DTYPES[dtype], attn_implementation=attn_implementation)
+    model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=DTYPES[dtype], attn_implementation=attn_implementation)
     model.config.use_cache = False
     if gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) without enable_input_require_grads
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -29,7 +29,7 @@ from .batching import (
     plan_sorted,
     split_pair_logps,
 )
-from .engine import TrainEngine
+from .engine import DTYPES, TrainEngine
 from .losses import cft_loss_sum, dpo_loss, preference_stats, sdpo_loss, sequence_logps, sft_loss_sum
 from .shared_prefix import SharedPrefixBatch, collate_pairs_shared, use_prefix_sharing
 
@@ -93,7 +93,7 @@ class PreferenceObjective:
         self.ref_batch = cfg.dpo.batch_size
         self.ref: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.shared = use_prefix_sharing(cfg.train.prefix_sharing, cfg.model.attn_implementation)
-        self.mask_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
+        self.mask_dtype = DTYPES[cfg.model.dtype]
 
     def lengths(self) -> list[int]:
         return [r.shared_length if self.shared else r.length for r in self.rows]
