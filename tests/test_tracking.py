@@ -101,6 +101,9 @@ def test_wandb_offline_run_files(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     _run("wandb", tmp_path)
+    import wandb
+
+    wandb.teardown()  # finish() can return before wandb-core has written the offline file; exit waits
     files = sorted((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 2  # r0_sft and rounds; rank 1 started no run
     series: dict[str, list] = {}
