@@ -53,7 +53,7 @@ def measure(kind: str, log: str, work: str) -> dict:
     cfg = DataConfig(path=log, format="interactions", max_history=10)
     extra = {}
     if kind == "current":
-        from sprec_ray.data.readers import read_interactions
+        from sprec_ray.testing import read_interactions
 
         start = time.perf_counter()
         catalogue, splits, _ = read_interactions(log, None, cfg.max_history)

@@ -29,9 +29,10 @@ import time
 from pathlib import Path
 
 from sprec_ray.config import DataConfig, load_config
-from sprec_ray.data.dataset import REPO_ROOT, load_dataset
+from sprec_ray.data.dataset import REPO_ROOT
 from sprec_ray.data.prompts import render_prompt, render_response
 from sprec_ray.models.base import resolve_base_model
+from sprec_ray.testing import load_dataset
 
 log = logging.getLogger("generate_throughput")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -1,33 +1,27 @@
-"""Does self-play debias? SFT vs SFT+DPO(random negatives) vs SPRec with generated / grounded negatives.
+"""Does self-play debias? SFT-only rounds vs SFT + DPO with random negatives vs SPRec, over seeds.
 
-One warm-start SFT adapter (trained and scored once, with the first seed) is shared by every variant
-and seed (selfplay.init_adapter; the variants score only their final adapter, eval.every_round=false),
-so the comparison isolates the preference step; the seeds vary the rows sampled per round, the
-random negatives, sampling and the training order. Variants:
-  sft               the warm start alone
-  dpo_random        SFT + DPO with uniform random negatives (--random-rounds rounds)
-  sprec_generated   SPRec, the rejected response is the model's own title text (dpo.negative_source=generated)
-  sprec_grounded    SPRec, the rejected response is the nearest catalogue item to it (negative_source=grounded)
-  sprec_sdpo        optional: SPRec + S-DPO, K=3 distinct sampled completions (generated)
-Validation rows do not depend on the seed (only the training rows do), so every seed and variant is
-scored on the same rows. Writes a per-seed table, a mean +- sd table over seeds, JSON and a plot of
-every seed's value to --out; rerunning with the same --out resumes finished runs, and --report-only
-rebuilds the tables from the run directories without Ray. --every-round also scores the variants'
-intermediate rounds (and the warm start again in each run) to show the per-round trajectory.
+Every run starts from the shipped SFT warm start (adapters/smollm2-goodreads-sft, trained by
+configs/warmstart.yaml), as SPRec starts its rounds from a separately trained SFT model, and runs
+the same rounds: each round samples --round-rows train rows, trains SFT on their real next items,
+then (except sft_only) DPO on them. Only the final adapter is scored, on the 400 validation rows; the
+warm start was scored on the same rows when it was trained (its manifest). Variants:
+  sft_only         SFT-only rounds: the control, so the preference step's own share shows
+  dpo_random       SFT + DPO whose negatives are random catalogue items
+  sprec_generated  SPRec: the negative is the model's own greedy answer text (dpo.negative_source=generated)
+  sprec_grounded   SPRec with the catalogue item nearest to that text as the negative
+  sprec_high_lr    SPRec at a higher DPO learning rate (--high-lr), to show how sensitive it is
+  sprec_sdpo       SPRec + S-DPO, K=3 distinct sampled answers
+The settings come from --config (configs/default.yaml: SPRec's round lr 2e-5 with warm-up, DPO
+batch 8). The seeds vary the rows sampled per round, random negatives and the training order.
 
---task candidates runs every variant in the candidate task (data.task=candidates: choose among
-data.num_candidates listed items; negatives among the candidates, random or the model's own wrong
-picks, so sprec_grounded equals sprec_generated) and adds HR@1 / ValidRatio to the tables.
---eval-data FILE scores each run's final adapter (and the warm start) on that SPRec or S-DPO JSON
-file, as `sprec-ray eval --data` does, instead of reporting the per-round validation rows; results
-and predictions go to <out>/eval_data/.
+Each finished run leaves a small JSON in benchmarks/results/quality_runs/ (final metrics, the
+negatives of every round, its time): commit them as they finish. A rerun skips finished runs and
+resumes an interrupted one (its run directory under --out); --report-only rebuilds quality.md,
+quality.json and the plot from the committed JSONs, without Ray.
 
-    python benchmarks/quality.py                                   # Goodreads sample, SmolLM2, CPU
-    python benchmarks/quality.py --seeds 0 1 2 --train 512 --round-rows 64 --valid 100 --rounds 2 \\
-        data.max_history=5 sft.epochs=2
-    python benchmarks/quality.py --config configs/tiny.yaml --model tiny --train 48 --round-rows 16 \\
-        --valid 12 --rounds 1 --seeds 0 1 --out bench_out/quality_smoke generation.backend=hf   # plumbing only
-    python benchmarks/quality.py --task candidates --seeds 0 1 2 model.max_prompt_len=768 generation.max_model_len=1024
+    python benchmarks/quality.py --seeds 0 1 2 --rounds 2 --round-rows 128
+    python benchmarks/quality.py --seeds 0 --variants sprec_grounded sprec_high_lr --rounds 2 --round-rows 128
+    python benchmarks/quality.py --report-only
 """
 
 from __future__ import annotations
@@ -36,188 +30,169 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
+import subprocess
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-KEYS = ("NDCG@5", "HR@5", "DivRatio@5", "ORRatio@5", "MGU@5", "DGU@5", "DivRatio@1", "ORRatio@1")
-CANDIDATE_KEYS = ("cand_HR@1", "cand_ValidRatio")
-NEGATIVE_KEYS = ("rows_kept", "rows_dropped", "exact", "new_text", "in_history", "equal_to_positive", "top_popular_share")
-CANDIDATE_NEGATIVE_KEYS = ("own_wrong", "equal_to_positive", "no_candidate", "several_candidates", "random_fill")
-VARIANTS = ("sft", "dpo_random", "sprec_generated", "sprec_grounded", "sprec_sdpo")
+RESULTS = REPO / "benchmarks" / "results"
+KEYS = ("NDCG@5", "HR@5", "DivRatio@5", "ORRatio@5", "DGU@5", "DivRatio@1", "ORRatio@1", "top10_share@1",
+        "exact_share", "distinct_answers", "n_unparsed")
+NEGATIVE_KEYS = ("rows_kept", "rows_dropped", "unparsed", "several_titles", "exact", "new_text", "in_history",
+                 "equal_to_positive", "top_popular_share")
+VARIANTS = ("sft_only", "dpo_random", "sprec_generated", "sprec_grounded", "sprec_high_lr", "sprec_sdpo")
 
 
 def variant_overrides(name: str, args: argparse.Namespace) -> list[str]:
     return {
-        "sft": ["selfplay.rounds=0"],
-        "dpo_random": ["selfplay.method=dpo_random", f"selfplay.rounds={args.random_rounds}"],
-        "sprec_generated": [f"selfplay.rounds={args.rounds}", "dpo.negative_source=generated"],
-        "sprec_grounded": [f"selfplay.rounds={args.rounds}", "dpo.negative_source=grounded"],
-        "sprec_sdpo": [f"selfplay.rounds={args.sdpo_rounds}", "dpo.loss=sdpo", "dpo.num_negatives=3",
-                       "generation.decoding=sample", "generation.n=3", "dpo.negative_source=generated"],
+        "sft_only": ["selfplay.method=sft_only"],
+        "dpo_random": ["selfplay.method=dpo_random"],
+        "sprec_generated": ["dpo.negative_source=generated"],
+        "sprec_grounded": ["dpo.negative_source=grounded"],
+        "sprec_high_lr": ["dpo.negative_source=generated", f"dpo.lr={args.high_lr}"],
+        "sprec_sdpo": ["dpo.loss=sdpo", "dpo.num_negatives=3", "generation.decoding=sample", "generation.n=3"],
     }[name]
 
 
+def machine() -> str:
+    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "?")
+    return f"{name}, {os.cpu_count()} cores"
+
+
 def finite(value: float | None) -> float | None:
-    """NaN (e.g. MGU when nothing was recommended) as None, so the JSON stays valid."""
-    return None if value is None or math.isnan(value) else value
+    """NaN (e.g. DGU when nothing was recommended) as None, so the JSON stays valid."""
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
-def mean_sd(values: list[float]) -> str:
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
+def mean_sd(values: list[float | None]) -> str:
+    found = [v for v in values if v is not None and not math.isnan(v)]
+    if not found:
         return "-"
-    if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+    if len(found) == 1:
+        return f"{found[0]:.4g}"
+    return f"{statistics.mean(found):.4g} ± {statistics.stdev(found):.2g}"
 
 
-def table(runs: list[tuple[str, list[dict[str, float]]]], keys: tuple[str, ...]) -> list[str]:
-    """Markdown lines: one row per run label, each metric as mean ± sd over that label's results."""
-    lines = ["| run | seeds | " + " | ".join(keys) + " |", "|---|---:|" + "---:|" * len(keys)]
-    for label, found in runs:
-        lines.append(f"| {label} | {len(found)} | " + " | ".join(mean_sd([m.get(k, math.nan) for m in found]) for k in keys) + " |")
+def table(groups: list[tuple[str, list[dict]]], keys: tuple[str, ...]) -> list[str]:
+    """Markdown lines: one row per label, each metric as mean ± sd over that label's results."""
+    lines = ["| run | n | " + " | ".join(keys) + " |", "|---|---:|" + "---:|" * len(keys)]
+    for label, found in groups:
+        lines.append(f"| {label} | {len(found)} | " + " | ".join(mean_sd([m.get(k) for m in found]) for k in keys) + " |")
     return lines
 
 
-def plot_seeds(runs: list[tuple[str, list[dict[str, float]]]], keys: tuple[str, ...], path: Path) -> None:
-    """One panel per metric: each seed's value as a dot, the mean +- sd as a bar, per run label."""
+def plot(groups: list[tuple[str, list[dict]]], keys: tuple[str, ...], path: Path) -> None:
+    """One panel per metric: every seed as a dot, the mean ± sd as a bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 4), squeeze=False)
-    x = list(range(len(runs)))
+    fig, axes = plt.subplots(1, len(keys), figsize=(2.8 * len(keys), 4), squeeze=False)
+    x = list(range(len(groups)))
     for ax, key in zip(axes[0], keys, strict=True):
-        values = [[m[key] for m in found if m.get(key) is not None and not math.isnan(m[key])] for _, found in runs]
-        means = [statistics.mean(v) if v else math.nan for v in values]
-        sds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
-        ax.bar(x, means, yerr=sds, capsize=4, color="lightsteelblue")
+        values = [[m[key] for m in found if m.get(key) is not None] for _, found in groups]
+        ax.bar(x, [statistics.mean(v) if v else math.nan for v in values],
+               yerr=[statistics.stdev(v) if len(v) > 1 else 0.0 for v in values], capsize=4, color="lightsteelblue")
         for i, v in enumerate(values):
             ax.plot([i] * len(v), v, "k.", alpha=0.7)
-        ax.set_title(key)
-        ax.set_xticks(x, [label for label, _ in runs], rotation=35, ha="right", fontsize="small")
+        ax.set_title(key, fontsize="small")
+        ax.set_xticks(x, [label for label, _ in groups], rotation=40, ha="right", fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def run_all(args: argparse.Namespace, out: Path) -> None:
-    """The warm start once (first seed), then every variant for every seed from it; finished runs resume."""
+def run_one(args: argparse.Namespace, seed: int, variant: str, warm_start: Path) -> None:
+    """One run to its final adapter, then its small result JSON (skipped when that JSON exists)."""
     from sprec_ray.config import load_config
-    from sprec_ray.run_eval import evaluate_run
     from sprec_ray.selfplay import run_selfplay
 
-    common = [f"data.path={args.data}", f"model.name={args.model}", f"data.train_samples={args.train}",
-              f"data.valid_samples={args.valid}", f"selfplay.round_samples={args.round_rows}", f"data.task={args.task}",
-              *args.overrides]
-
-    def run(name: str, seed: int, extra: list[str]) -> Path:
-        run_dir = out / f"seed{seed}" / name
-        overrides = [*common, f"seed={seed}", f"output_dir={run_dir}", f"name={name}", *variant_overrides(name, args), *extra]
-        run_selfplay(load_config(args.config, overrides), resume=run_dir.exists())
-        if args.eval_data:  # the final adapter on the file, in place of the per-round validation rows
-            evaluate_run(run_dir, data=args.eval_data, out=out / "eval_data" / f"seed{seed}_{name}.json")
-        return run_dir
-
-    sft_dir = run("sft", args.seeds[0], [])
-    warm_start = str(sft_dir / json.loads((sft_dir / "final.json").read_text())["adapter"])
-    # valid rows do not depend on the seed, so the warm start's scores are the sft run's and each
-    # variant scores only its final adapter (unless --every-round asks for the trajectory)
-    extra = [f"selfplay.init_adapter={warm_start}"] + ([] if args.every_round else ["eval.every_round=false"])
-    for seed in args.seeds:
-        for name in args.variants:
-            run(name, seed, extra)
-
-
-def scores(out: Path, seed: int, name: str, eval_data: str | None) -> list[tuple[str, dict[str, float]]]:
-    """A run's (label, metrics) rows: per evaluated round from metrics.json, or its final adapter on --eval-data."""
-    if eval_data:
-        return [("final", json.loads((out / "eval_data" / f"seed{seed}_{name}.json").read_text()))]
-    return [(r["label"], r) for r in json.loads((out / f"seed{seed}" / name / "metrics.json").read_text())["rounds"]]
+    result = Path(args.results) / f"seed{seed}_{variant}.json"
+    if result.exists():
+        return
+    run_dir = Path(args.out) / f"seed{seed}" / variant
+    overrides = [f"seed={seed}", f"output_dir={run_dir}", f"name=quality-{variant}", f"selfplay.rounds={args.rounds}",
+                 f"selfplay.round_samples={args.round_rows}", f"data.valid_samples={args.valid}",
+                 f"selfplay.init_adapter={warm_start}", "eval.every_round=false", *variant_overrides(variant, args),
+                 *args.overrides]
+    started = time.time()
+    run_selfplay(load_config(args.config, overrides), resume=run_dir.exists())
+    rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    manifests = {p.stem: json.loads(p.read_text()) for p in (run_dir / "manifests").glob("*.json")}
+    negatives = {n: manifests[n]["metrics"] for n in sorted(manifests) if n.endswith("_negatives")}
+    dpo = {n: {k: v for k, v in manifests[n]["metrics"].items() if "logratio" in k or k in ("steps", "pairs", "final_loss")}
+           for n in sorted(manifests) if n.endswith("_dpo")}
+    result.parent.mkdir(parents=True, exist_ok=True)
+    result.write_text(json.dumps({
+        "seed": seed, "variant": variant, "rounds": args.rounds, "round_rows": args.round_rows,
+        "overrides": overrides, "label": rounds[-1]["label"],
+        "final": {k: finite(v) for k, v in rounds[-1].items() if k not in ("label", "round")},
+        "negatives": {n: {k: finite(v) for k, v in m.items()} for n, m in negatives.items()}, "dpo": dpo,
+        "seconds": sum(m["seconds"] for m in manifests.values()), "wall_s_this_sitting": time.time() - started,
+        "machine": machine(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }, indent=2))
+    print(f"wrote {result}", flush=True)
 
 
-def run_seconds(run_dir: Path) -> float:
-    """From the manifests, so a resumed run reports the time its phases took, not the resume."""
-    return sum(json.loads(m.read_text())["seconds"] for m in (run_dir / "manifests").glob("*.json"))
+def report(args: argparse.Namespace, warm_start: Path) -> str:
+    """quality.md, quality.json and the plot from the result JSONs and the warm start's manifest."""
+    warm = json.loads((warm_start / "manifest.json").read_text())
+    runs = [json.loads(p.read_text()) for p in sorted(Path(args.results).glob("seed*_*.json"))]
+    if not runs:
+        raise SystemExit(f"no finished runs in {args.results}")
+    seeds = sorted({r["seed"] for r in runs})
+    order = [v for v in VARIANTS if any(r["variant"] == v for r in runs)]
+    warm_row = {k: finite(v) for k, v in warm["validation"]["metrics"].items()}
+    groups = [("SFT warm start", [warm_row])] + [(v, [r["final"] for r in runs if r["variant"] == v]) for v in order]
+    rounds = sorted({n for r in runs for n in r["negatives"]})
+    neg_groups = [(f"{v} {n.split('_')[0]}", [r["negatives"][n] for r in runs if r["variant"] == v and n in r["negatives"]])
+                  for v in order for n in rounds]
+    neg_groups = [(label, found) for label, found in neg_groups if found]
+    per_seed = "\n\n".join(f"### seed {s}\n\n" + "\n".join(table(
+        [("SFT warm start", [warm_row])] + [(r["variant"], [r["final"]]) for r in runs if r["seed"] == s], KEYS))
+        for s in seeds)
+    first = runs[0]
+    header = (f"Seeds {seeds}; every run from the shipped warm start ({warm_start.relative_to(REPO)}, "
+              f"{warm['training']['steps']:.0f} SFT steps on the whole train split); "
+              f"{first['rounds']} rounds of {first['round_rows']} rows, settings of {Path(args.config).name}; "
+              f"{warm_row['n_rows']:.0f} validation rows. "
+              f"Machine: {first['machine']}. Run time {sum(r['seconds'] for r in runs) / 3600:.1f} h over {len(runs)} runs.")
+    text = (f"{header}\n\n## Final round, mean ± sd over seeds\n\n" + "\n".join(table(groups, KEYS))
+            + "\n\n## Negatives per round\n\n" + "\n".join(table(neg_groups, NEGATIVE_KEYS))
+            + f"\n\n## Per seed\n\n{per_seed}\n")
+    (RESULTS / "quality.md").write_text(text)
+    (RESULTS / "quality.json").write_text(json.dumps({
+        "seeds": seeds, "variants": order, "warm_start": {"adapter": str(warm_start.relative_to(REPO)), **warm_row},
+        "runs": runs}, indent=2))
+    plot(groups, KEYS[:8], RESULTS / "quality_seeds.png")
+    return text
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "configs" / "default.yaml"))
-    parser.add_argument("--data", default="bundled", help="SPRec-format dir (default: the shipped data/goodreads sample)")
-    parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--train", type=int, default=256, help="rows for the warm-start SFT")
-    parser.add_argument("--round-rows", type=int, default=64, help="rows sampled per self-play round")
-    parser.add_argument("--valid", type=int, default=400, help="sampled validation rows (the bundled sample has 400)")
-    parser.add_argument("--eval-data", default=None, help="score final adapters on this SPRec / S-DPO JSON file instead")
-    parser.add_argument("--task", choices=("generate", "candidates"), default="generate")
-    parser.add_argument("--rounds", type=int, default=2, help="SPRec rounds (both negative sources)")
-    parser.add_argument("--random-rounds", type=int, default=1, help="rounds of SFT + DPO with random negatives")
-    parser.add_argument("--sdpo-rounds", type=int, default=1)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS[1:], default=list(VARIANTS[1:4]),
-                        help="preference variants to compare with the warm start")
-    parser.add_argument("--every-round", action="store_true",
-                        help="score every round's adapter in the variant runs too (one more evaluation per round)")
-    parser.add_argument("--report-only", action="store_true", help="rebuild the tables from the runs under --out")
-    parser.add_argument("--out", default=str(REPO / "bench_out" / "quality"))
-    parser.add_argument("overrides", nargs="*", help="extra section.key=value for every variant")
+    parser.add_argument("--warm-start", default=str(REPO / "adapters" / "smollm2-goodreads-sft"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS[:3]))
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--round-rows", type=int, default=128, help="train rows sampled per round (SPRec: 2,048)")
+    parser.add_argument("--valid", type=int, default=0, help="validation rows (0 = all 400, as the warm start was scored)")
+    parser.add_argument("--high-lr", type=float, default=1e-4, help="DPO learning rate of sprec_high_lr")
+    parser.add_argument("--report-only", action="store_true", help="rebuild the report from --results, no Ray")
+    parser.add_argument("--out", default=str(REPO / "bench_out" / "quality"), help="run directories (large, not committed)")
+    parser.add_argument("--results", default=str(RESULTS / "quality_runs"), help="one small JSON per finished run")
+    parser.add_argument("overrides", nargs="*", help="extra section.key=value for every run")
     args = parser.parse_args()
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    keys = KEYS + (CANDIDATE_KEYS if args.task == "candidates" else ())
-    negative_keys = CANDIDATE_NEGATIVE_KEYS if args.task == "candidates" else NEGATIVE_KEYS
+    warm_start = Path(args.warm_start).resolve()
     if not args.report_only:
-        run_all(args, out)
-    elif not (out / f"seed{args.seeds[0]}" / "sft" / "metrics.json").exists():
-        parser.error(f"--report-only: no finished warm-start run {out / f'seed{args.seeds[0]}' / 'sft'}")
-    # the tables are read back from the run directories, so --report-only rebuilds them without Ray
-    sft_results = scores(out, args.seeds[0], "sft", args.eval_data)
-    timings = {"sft": run_seconds(out / f"seed{args.seeds[0]}" / "sft")}
-    per_seed: dict[int, list[tuple[str, dict[str, float]]]] = {}
-    negatives: dict[str, list[dict[str, float]]] = {}
-    for seed in args.seeds:
-        warm, rows = sft_results[0][1], []
-        for name in args.variants:
-            run_dir = out / f"seed{seed}" / name
-            results = scores(out, seed, name, args.eval_data)
-            if len(results) > 1 and results[0][0] == "r0 (SFT)":  # --every-round: the warm start on this run's rows
-                warm, results = results[0][1], results[1:]
-            timings[f"seed{seed}/{name}"] = run_seconds(run_dir)
-            rows += [(f"{name} {label}", m) for label, m in results]
-            for manifest in sorted((run_dir / "manifests").glob("r*_negatives.json")):
-                stats = json.loads(manifest.read_text())["metrics"]
-                negatives.setdefault(f"{name} {manifest.name.split('_')[0]}", []).append(stats)
-        per_seed[seed] = [("SFT (warm start)", warm), *rows]
-
-    labels = list(dict.fromkeys(label for rows in per_seed.values() for label, _ in rows))
-    runs = [(label, [m for rows in per_seed.values() for lab, m in rows if lab == label]) for label in labels]
-    summary = table(runs, keys)
-    plot_seeds(runs, ("NDCG@5", "HR@5", "DivRatio@5", "ORRatio@5", "DGU@5", "DivRatio@1", "ORRatio@1")
-               + (CANDIDATE_KEYS if args.task == "candidates" else ()), out / "quality_seeds.png")
-    neg_table = table(list(negatives.items()), negative_keys)
-    evaluated = (f"final adapters scored on {args.eval_data} ({sft_results[0][1]['n_rows']} rows)" if args.eval_data
-                 else f"{args.valid} validation rows")
-    header = (f"seeds {args.seeds}; model {args.model}; {args.task} task; warm-start SFT on {args.train} rows "
-              f"(seed {args.seeds[0]}, shared), {args.round_rows} rows per round, {evaluated}; "
-              f"{platform.machine()} CPU x{os.cpu_count()}; run time {sum(timings.values()) / 60:.1f} min")
-    seed_tables = "\n\n".join(f"### seed {seed}\n\n" + "\n".join(table([(label, [m]) for label, m in rows], keys))
-                                for seed, rows in per_seed.items())
-    text = (f"{header}\n\n## mean ± sd over seeds\n\n" + "\n".join(summary) + "\n\n## negatives per round (mean ± sd)\n\n"
-            + "\n".join(neg_table) + f"\n\n## per seed\n\n{seed_tables}\n")
-    (out / "quality.md").write_text(text)
-    (out / "quality.json").write_text(json.dumps({
-        "seeds": args.seeds, "args": vars(args), "machine": f"{platform.processor() or platform.machine()} x{os.cpu_count()}",
-        "timings_s": timings,
-        "rows": [{"seed": seed, "variant": label, **{k: finite(m.get(k)) for k in keys}}
-                 for seed, rows in per_seed.items() for label, m in rows],
-        "negatives": {label: [{k: finite(s.get(k)) for k in negative_keys} for s in stats] for label, stats in negatives.items()},
-    }, indent=2))
-    print(text)
+        for seed in args.seeds:
+            for variant in args.variants:
+                run_one(args, seed, variant, warm_start)
+    print(report(args, warm_start))
 
 
 if __name__ == "__main__":

@@ -48,10 +48,10 @@ def build_tiny_run(root: Path, sft_steps: int = 80) -> Path:
     (a random-init model writes no title and every request would take the popularity fallback)."""
     from sprec_ray.artefacts import write_catalogue
     from sprec_ray.config import load_config, save_config
-    from sprec_ray.data.dataset import load_dataset
     from sprec_ray.data.prompts import render_prompt, render_response
     from sprec_ray.data.synthetic import write_synthetic_sprec
     from sprec_ray.models.base import build_tiny_model
+    from sprec_ray.testing import load_dataset
 
     data_dir = write_synthetic_sprec(root / "data", num_items=500, num_users=400, seed=1)
     run = root / "run"

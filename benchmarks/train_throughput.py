@@ -16,8 +16,9 @@ over workers, over the steps after the first (start-up excluded):
 side by side on SmolLM2 with the default config's Goodreads prompts (train/shared_prefix.py): step
 time, reference-pass time, tokens computed, and shared / unshared ratios, into
 benchmarks/results/prefix_sharing.json, with the machine's fp32 matmul peak measured in the same run.
-`--sft-layouts` times SmolLM2 SFT with two workers of one core against one worker on both cores
-(results/sft_layouts.json): tokens/s as a share of that peak, each fit's fixed cost, checkpoint size.
+`--sft-layouts` times SmolLM2 SFT with two workers of one core against one worker on both cores, in
+fp32 and under bf16 autocast (results/sft_layouts.json): tokens/s as a share of the fp32 and the bf16
+matmul peak, each fit's fixed cost, checkpoint size.
 
 `--model 0.5b` builds a random-init Llama with Qwen2.5-0.5B's shape (hidden 896, 24 layers, 14 heads,
 2 KV heads, MLP 4864, vocab 151936, tied embeddings: ~494M parameters). MFU is only printed on CUDA:
@@ -36,11 +37,11 @@ import time
 from pathlib import Path
 
 from sprec_ray.config import load_config
-from sprec_ray.data.dataset import load_dataset
 from sprec_ray.data.prompts import render_prompt, render_response
 from sprec_ray.data.synthetic import write_synthetic_sprec
 from sprec_ray.models.base import build_tiny_model
 from sprec_ray.runtime import init_ray
+from sprec_ray.testing import load_dataset
 
 BACKENDS = {"ddp": 0, "zero2": 2, "zero3": 3}
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}  # dense bf16
@@ -124,7 +125,7 @@ def main() -> None:
     import ray.data
     import torch
 
-    from sprec_ray.train.phases import run_dpo, run_sft
+    from sprec_ray.testing import run_dpo, run_sft
 
     use_gpu = torch.cuda.is_available()
     out_path = Path(args.out or Path(__file__).parent / "results" / f"train_throughput_{'gpu' if use_gpu else 'cpu'}.json")
@@ -249,7 +250,7 @@ def _dir_bytes(path: Path) -> int:
 def prefix_sharing(args: argparse.Namespace) -> None:
     import ray.data
 
-    from sprec_ray.train.phases import run_dpo
+    from sprec_ray.testing import run_dpo
 
     work = Path("bench_out") / "prefix_sharing_work"
     model_dir, rows, peak, machine = _smollm2_goodreads(work, args.rows)
@@ -304,6 +305,10 @@ SFT_LAYOUTS = {  # name -> overrides of configs/default.yaml
     "2 workers x 1 core, ZeRO-2": ["train.num_workers=2", "train.cpus_per_worker=0.5", "train.zero_stage=2"],
     "1 worker x 2 cores, ZeRO-2": ["train.num_workers=1", "train.cpus_per_worker=2", "train.zero_stage=2"],
     "1 worker x 2 cores, torch": ["train.num_workers=1", "train.cpus_per_worker=2", "train.zero_stage=0"],
+    "2 workers x 1 core, ZeRO-2, bf16 autocast": ["train.num_workers=2", "train.cpus_per_worker=0.5", "train.zero_stage=2",
+                                                  "train.mixed_precision=bf16"],
+    "1 worker x 2 cores, torch, bf16 autocast": ["train.num_workers=1", "train.cpus_per_worker=2", "train.zero_stage=0",
+                                                 "train.mixed_precision=bf16"],
 }
 
 
@@ -313,11 +318,14 @@ def sft_layouts(args: argparse.Namespace) -> None:
     frozen weights), the fixed cost of each fit, and the size of its final checkpoint."""
     import ray.data
 
-    from sprec_ray.train.phases import run_sft
+    from sprec_ray.testing import run_sft
 
     work = Path("bench_out") / "sft_layouts_work"
     model_dir, rows, peak, machine = _smollm2_goodreads(work, args.rows)
     _, n_nonembed = param_counts(model_dir)
+    from generate_throughput import matmul_peak
+
+    peak_bf16 = matmul_peak(2, "bfloat16")  # AMX / AVX512-BF16 CPUs run bf16 matmuls several times faster
     init_ray(num_cpus=4)
     results = []
     for layout, overrides in SFT_LAYOUTS.items():
@@ -329,7 +337,8 @@ def sft_layouts(args: argparse.Namespace) -> None:
         m = res.metrics
         tps = m["tokens_per_s"]
         results.append({"layout": layout, "overrides": overrides, "tokens_per_s": tps,
-                        "peak_share": 4 * n_nonembed * tps / peak[2], "fit_s": m["fit_s"],
+                        "peak_share": 4 * n_nonembed * tps / peak[2], "peak_share_bf16": 4 * n_nonembed * tps / peak_bf16,
+                        "fit_s": m["fit_s"],
                         "fixed_s": m["fit_s"] - m["loop_s"], "setup_s": m.get("setup_s", 0.0), "data_s": m.get("data_s", 0.0),
                         "checkpoint_mb": _dir_bytes(Path(res.checkpoint_path)) / 1e6,
                         "adapter_mb": (res.adapter_dir / "adapter_model.safetensors").stat().st_size / 1e6,
@@ -337,12 +346,13 @@ def sft_layouts(args: argparse.Namespace) -> None:
         r = results[-1]
         print(f"{layout}: {tps:,.0f} tokens/s = {100 * r['peak_share']:.0f}% of the 2-thread peak, fit {r['fit_s']:.1f} s, "
               f"fixed {r['fixed_s']:.1f} s, checkpoint {r['checkpoint_mb']:.1f} MB", flush=True)
-    table = [f"| {r['layout']} | {r['tokens_per_s']:,.0f} | {100 * r['peak_share']:.0f}% | {r['fit_s']:.1f} | "
+    table = [f"| {r['layout']} | {r['tokens_per_s']:,.0f} | {100 * r['peak_share']:.0f}% | {100 * r['peak_share_bf16']:.0f}% | {r['fit_s']:.1f} | "
              f"{r['fixed_s']:.1f} | {r['checkpoint_mb']:.1f} | {r['adapter_mb']:.1f} |" for r in results]
     _finish(args, work, "sft_layouts.json", machine, peak, {
         "non_embedding_params": n_nonembed, "config": "configs/default.yaml (sft.batch_size 4 x grad_accum 2)",
+        "matmul_peak_gflops_bf16_2_threads": peak_bf16 / 1e9,
         "rows": len(rows), "steps": args.steps, "results": results},
-        "| layout | tokens/s | share of peak | fit s | fixed s | checkpoint MB | adapter MB |", table)
+        "| layout | tokens/s | share of fp32 peak | share of bf16 peak | fit s | fixed s | checkpoint MB | adapter MB |", table)
 
 
 if __name__ == "__main__":

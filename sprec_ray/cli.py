@@ -1,4 +1,4 @@
-"""`sprec-ray prepare|train|eval|serve --config FILE [section.key=value ...]`."""
+"""`sprec-ray prepare|train|eval|export|serve --config FILE [section.key=value ...]`."""
 
 from __future__ import annotations
 
@@ -51,6 +51,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(json.dumps(metrics, indent=2))
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    """Copy a finished run's final adapter to --to with a manifest (base model hash, data hashes,
+    config, steps, validation metrics), for `selfplay.init_adapter` or shipping."""
+    from .export import export_run
+
+    manifest = export_run(args.run, args.to)
+    print(json.dumps({"exported": str(Path(args.to).resolve()), "validation": manifest["validation"]}, indent=2))
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from .serve.app import serve_run
 
@@ -61,13 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sprec-ray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, needs_run in (("prepare", cmd_prepare, False), ("train", cmd_train, False),
-                                ("eval", cmd_eval, True), ("serve", cmd_serve, True)):
+                                ("eval", cmd_eval, True), ("export", cmd_export, True), ("serve", cmd_serve, True)):
         p = sub.add_parser(name)
         if needs_run:
             p.add_argument("--run", required=True, help="run directory written by `sprec-ray train`")
         else:
             p.add_argument("--config", default=None, help="YAML config (defaults apply when omitted)")
-        p.add_argument("overrides", nargs="*", help="section.key=value, e.g. selfplay.rounds=3")
+        if name != "export":
+            p.add_argument("overrides", nargs="*", help="section.key=value, e.g. selfplay.rounds=3")
+        if name == "export":
+            p.add_argument("--to", required=True, help="folder for the adapter and its manifest.json")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="skip finished phases, continue the interrupted one")
         if name == "eval":

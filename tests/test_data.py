@@ -6,11 +6,11 @@ import pytest
 
 from sprec_ray.config import DataConfig
 from sprec_ray.data.catalogue import catalogue_from_titles, load_sprec_catalogue
-from sprec_ray.data.dataset import load_dataset
-from sprec_ray.data.prompts import parse_response, render_prompt, render_response
-from sprec_ray.data.readers import read_interactions, read_sdpo_json, read_sprec_json
+from sprec_ray.data.prompts import names_several_titles, parse_response, render_prompt, render_response
+from sprec_ray.data.readers import read_sdpo_json, read_sprec_json
 from sprec_ray.data.records import DataError
 from sprec_ray.data.sharding import prompt_dataset, write_examples_parquet
+from sprec_ray.testing import load_dataset, read_interactions
 
 CAT = catalogue_from_titles(["Alpha", 'A Child Called "It" (Dave Pelzer #1)', "Gamma, Delta", "Beta"],
                             [["fiction"], ["history"], ["fiction", "romance"], []])
@@ -112,10 +112,23 @@ def test_prompt_is_one_template_and_response_round_trips():
     prompt = render_prompt(["Alpha", "Beta"])
     assert prompt.endswith("### Response:\n") and '"Alpha", "Beta"' in prompt
     assert "### Input:" not in render_prompt([])
-    title = 'A Child Called "It" (Dave Pelzer #1)'
-    assert parse_response(render_response(title)) == title
-    assert parse_response('"Alpha"\nmore text') == "Alpha"
-    assert parse_response("no quotes\nsecond") == "no quotes"
+    assert parse_response(render_response("Alpha")) == "Alpha"
+
+
+def test_parse_response_reads_the_first_quoted_title_or_the_whole_catalogue_title():
+    quoted = 'A Child Called "It" (Dave Pelzer #1)'
+    catalogue = {quoted, "Alpha", "Plain Title"}
+    assert parse_response(render_response(quoted), catalogue) == quoted  # a title that holds quotes
+    assert parse_response(render_response(quoted)) == "A Child Called"  # without the catalogue: first quoted text
+    assert parse_response('"Alpha", "Beta", "Gamma"', catalogue) == "Alpha"  # several titles: the first
+    assert parse_response('"New Book (Series, #1)"\nmore text', catalogue) == "New Book (Series, #1)"
+    assert parse_response('Sure: "Beta" is next', catalogue) == "Beta"
+    assert parse_response("Plain Title", catalogue) == "Plain Title"  # the whole answer is a catalogue title
+    assert parse_response("no quotes\nsecond", catalogue) == "no quotes"  # SPRec's evaluation: the first line
+    for unparsed in ('"Beta, the unfinished', '""', "", '"Alpha\n"'):
+        assert parse_response(unparsed, catalogue) == "", unparsed
+    assert names_several_titles('"Alpha", "Beta"', catalogue) and not names_several_titles(render_response(quoted), catalogue)
+    assert not names_several_titles('"Alpha"\n"Beta"', catalogue)  # only the first line is the answer
 
 
 def test_load_dataset_counts_popularity_and_hashes(tiny_data_dir, tmp_path):
@@ -147,6 +160,26 @@ def test_default_data_path_finds_the_shipped_sample_from_any_cwd(goodreads_dir, 
     assert generated.is_relative_to(tmp_path) and (generated / "train.json").exists()
     with pytest.raises(DataError, match="no/such/dir"):
         resolve_data_path(DataConfig(path="no/such/dir"), tmp_path)
+
+
+def test_default_run_starts_from_the_shipped_warm_start_from_any_cwd(tmp_path, monkeypatch):
+    import json
+
+    from sprec_ray.config import load_config
+    from sprec_ray.data.dataset import REPO_ROOT, from_checkout
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(REPO_ROOT / "configs" / "default.yaml")
+    adapter = from_checkout(cfg.selfplay.init_adapter)
+    assert adapter == REPO_ROOT / "adapters" / "smollm2-goodreads-sft" and (adapter / "adapter_config.json").is_file()
+    manifest = json.loads((adapter / "manifest.json").read_text())
+    # trained by configs/warmstart.yaml, in the default config's prompt format and LoRA shape, on its data
+    warm = load_config(REPO_ROOT / "configs" / "warmstart.yaml")
+    assert (warm.lora, warm.model, warm.data.path) == (cfg.lora, cfg.model, cfg.data.path)
+    trained = manifest["config"]
+    assert trained["sft"]["lr"] == warm.sft.lr and trained["lora"]["r"] == cfg.lora.r and trained["data"]["path"] == cfg.data.path
+    # all 400 validation rows but one, whose history holds a title missing from the catalogue
+    assert trained["data"]["train_samples"] == 0 and manifest["validation"]["metrics"]["n_rows"] == 399
 
 
 @pytest.mark.timeout(180)

@@ -12,11 +12,11 @@ import pytest
 from sprec_ray.config import DataConfig
 from sprec_ray.data import pipeline
 from sprec_ray.data.catalogue import load_sprec_catalogue
-from sprec_ray.data.dataset import load_dataset
 from sprec_ray.data.prepared import examples_from_table, open_prepared, prepare_dataset, sample_examples
-from sprec_ray.data.readers import read_interactions, read_sprec_json
+from sprec_ray.data.readers import read_sprec_json
 from sprec_ray.data.records import DataError
 from sprec_ray.data.sharding import prompt_dataset
+from sprec_ray.testing import load_dataset, read_interactions
 
 
 def _log(n: int, users: int, items: int, seed: int) -> pa.Table:

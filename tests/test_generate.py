@@ -21,7 +21,8 @@ from sprec_ray.generate.adapter_check import (
     reference_token_logprobs,
     run_probe,
 )
-from sprec_ray.generate.backends import Decoding, cut_at_stop, make_backend, vllm_lora_rank
+from sprec_ray.generate.backends import Decoding, cut_at_stop, vllm_lora_rank
+from sprec_ray.generate.factory import make_backend
 from sprec_ray.generate.pool import (
     GenerationError,
     GenerationPool,

@@ -311,3 +311,16 @@ def test_bad_fit_setups_fail_before_any_worker_starts(tiny_model_dir, tmp_path):
     if importlib.util.find_spec("flash_attn") is None:
         with pytest.raises(ImportError, match="flash_attention_2 needs the flash-attn package"):
             build_policy(tiny_model_dir, LoraConfig(), None, "float32", 0, attn_implementation="flash_attention_2")
+
+
+def test_preference_stats_report_both_log_ratios_so_displacement_shows():
+    from sprec_ray.train.losses import preference_stats
+
+    # both fall: the chosen by 1 nat, the rejected (mean of K=2) by 3; the margin alone looks healthy
+    chosen, ref_c = torch.tensor([-11.0, -21.0]), torch.tensor([-10.0, -20.0])
+    rejected, ref_r = torch.tensor([[-14.0, -12.0], [-13.0, -15.0]]), torch.tensor([[-10.0, -10.0], [-10.0, -12.0]])
+    stats = preference_stats(chosen, rejected, ref_c, ref_r, beta=0.5)
+    assert stats["chosen_logratio"].item() == pytest.approx(-2.0)
+    assert stats["rejected_logratio"].item() == pytest.approx(-6.0)
+    assert stats["reward_margin"].item() == pytest.approx(0.5 * (-2.0 + 6.0))
+    assert stats["accuracy"].item() == 2.0

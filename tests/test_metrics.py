@@ -169,3 +169,21 @@ def test_matches_per_row_reference_on_random_data():
         ref = _reference(ranked, targets, histories, cat, k, valid)
         for name, value in ref.items():
             assert m[f"{name}@{k}"] == pytest.approx(value, abs=1e-12), (name, k)
+
+
+def test_evaluation_reads_the_first_title_and_counts_an_unclosed_quote_as_unparsed(tiny_data):
+    from sprec_ray.data.records import Example
+    from sprec_ray.eval.embedders import HashEmbedder
+    from sprec_ray.eval.evaluate import evaluate_completions
+    from sprec_ray.eval.grounding import Grounder
+
+    catalogue = tiny_data.catalogue
+    head = min(catalogue.most_popular())
+    tail = next(i for i in range(len(catalogue)) if i not in catalogue.most_popular())
+    rows = [Example(0, (tail,), head), Example(1, (head,), tail)]
+    completions = [[f'"{catalogue.titles[head]}", "{catalogue.titles[tail]}"'], [f'"{catalogue.titles[tail]}']]
+    metrics, predictions = evaluate_completions(completions, rows, catalogue, Grounder(catalogue.titles, HashEmbedder()), (1,))
+    assert [p["parsed"] for p in predictions] == [catalogue.titles[head], ""]
+    assert (metrics["HR@1"], metrics["n_unparsed"]) == (0.5, 1)  # the unclosed answer is a miss, though it names the target
+    assert (metrics["exact_share"], metrics["distinct_answers"], metrics["top10_share@1"]) == (0.5, 1.0, 0.5)
+    assert metrics["n_several_titles"] == 1

@@ -19,13 +19,13 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 import torch
+from faults import KillAfterCheckpoints
 from multinode import RAY, REPO, free_port, start_cluster, unshare_allowed
 from safetensors.torch import load_file
-
-from sprec_ray.train.loop import FAULT_ENV
 
 NO_UNSHARE = unshare_allowed()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(NO_UNSHARE), reason=f"needs private mount namespaces: {NO_UNSHARE}")]
@@ -180,18 +180,27 @@ def test_a_run_dir_only_the_driver_sees_fails_fast_naming_the_nodes(cluster, dri
 @pytest.mark.timeout(600)
 def test_node_lost_mid_sft_resumes_on_the_other_node_to_the_same_weights(cluster, storage, driver_cwd, tiny_data_dir):
     """Last in this module: it leaves the cluster one worker node short."""
-    out, marker = storage / "node_loss_run", storage / "node_killed"
-    # rank 0 takes its node down after step 3 of the warm start (checkpoints every 2 steps)
-    env = {**_cli_env(cluster), FAULT_ENV: f"node@0:r0_sft:3:{marker}"}
-    # the warm start alone (rounds=0): its adapter is this run's final one
-    done = subprocess.run([SPREC, "train", *_run_args(str(REPO / "configs" / "tiny.yaml"), tiny_data_dir),
-                           f"output_dir={out}", "selfplay.rounds=0"], cwd=driver_cwd, env=env,
-                          capture_output=True, text=True, timeout=480)
+    out = storage / "node_loss_run"
+
+    def trainer_node_raylet() -> int | None:
+        """The raylet of a worker node that runs a training worker: killing it loses the machine."""
+        for node in ("worker0", "worker1"):
+            children = psutil.Process(cluster.procs[node].pid).children(recursive=True)
+            if any((p.cmdline() or [""])[0].startswith("ray::RayTrainWorker") for p in children):
+                return cluster.raylet_pids(node)[0]
+        return None
+
+    # the warm start alone (rounds=0): its adapter is this run's final one. A checkpoint per step
+    # (an operational key: the weights do not change), so a node dies with checkpoints to resume from.
+    with KillAfterCheckpoints(out / "ray_results" / "r0_train", trainer_node_raylet) as fault:
+        done = subprocess.run([SPREC, "train", *_run_args(str(REPO / "configs" / "tiny.yaml"), tiny_data_dir),
+                               f"output_dir={out}", "selfplay.rounds=0", "train.checkpoint_every=1"], cwd=driver_cwd,
+                              env=_cli_env(cluster), capture_output=True, text=True, timeout=480)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert marker.exists() and "took its node down" in marker.read_text()
+    assert fault.killed is not None
     assert cluster.alive_worker_nodes() == 1
     sft = json.loads((out / "manifests" / "r0_sft.json").read_text())
-    assert sft["metrics"]["restored_from_step"] == 2.0
+    assert 1.0 <= sft["metrics"]["restored_from_step"] < sft["metrics"]["steps"]
     # the same weights as the uninterrupted job run's warm start, same seed and rows
     final = json.loads((out / "final.json").read_text())["adapter"]
     uninterrupted = json.loads((storage / "job_run" / "manifests" / "r0_sft.json").read_text())["outputs"]["adapter"]

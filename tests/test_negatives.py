@@ -14,7 +14,7 @@ from sprec_ray.data.records import Example
 from sprec_ray.data.sharding import PromptBuilder, write_examples_parquet
 from sprec_ray.eval.embedders import HashEmbedder
 from sprec_ray.eval.grounding import Grounder
-from sprec_ray.generate.negatives import TOP_POPULAR, NegativeStats, RowNegatives, build_negatives
+from sprec_ray.generate.negatives import NegativeStats, RowNegatives, build_negatives
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +190,7 @@ def test_statistics_add_up(catalogue, grounder, tiny_data, source, on_equal, k):
     assert s.rows_dropped == sum(n.dropped for n in negs) and (on_equal == "drop" or s.replaced_equal > 0)
     check_kept([e for e, n in zip(rows, negs, strict=True) if not n.dropped], [n for n in negs if not n.dropped], k)
     # the top-10 count, recomputed: the item a negative stands for (nearest item for new text)
-    top = set(np.argsort(-catalogue.popularity, kind="stable")[:TOP_POPULAR].tolist())
+    top = set(np.argsort(-catalogue.popularity, kind="stable")[:10].tolist())
     items = [i if i >= 0 else int(grounder.ground([t], 1)[0][0, 0]) for n in negs for t, i in zip(n.texts, n.ids, strict=True)]
     assert len(items) == s.negatives and s.top_popular == sum(i in top for i in items) > 0
     assert s.metrics()["top_popular_share"] == pytest.approx(s.top_popular / s.negatives)
@@ -234,3 +234,13 @@ def test_bad_input_names_the_row(catalogue, grounder, tmp_path):
         write_examples_parquet(ex, tmp_path, 1, [[-1]], [["a", "b"]])
     with pytest.raises(ValueError, match="row 5: rejected texts must be non-empty strings"):
         write_examples_parquet(ex, tmp_path, 1, [[-1]], [[""]])
+
+
+def test_several_titles_give_the_first_and_an_unclosed_quote_gives_no_negative(catalogue, grounder):
+    ex = [Example(0, (1,), 2), Example(1, (1,), 2)]
+    first, second = catalogue.titles[40], catalogue.titles[41]
+    completions = [[f'"{first}", "{second}"\n'], [f'"{first} and then it ran out of tok']]
+    negs, stats = build_negatives(ex, completions, catalogue, grounder, k=1, seed=0)
+    assert negs[0] == RowNegatives((first,), (40,))
+    assert negs[1].dropped
+    assert (stats.exact, stats.unparsed, stats.rows_dropped, stats.several_titles) == (1, 1, 1, 1)

@@ -94,7 +94,7 @@ def test_run_writes_every_phase_report_and_final_model(finished_run, data_dir):
         assert metrics["n_rows"] == 12
     # the final adapter on the test split, apart from validation: its own phase, metrics.json section and tables
     test = json.loads((out / "manifests" / "r1_test.json").read_text())["metrics"]
-    assert json.loads((out / "metrics.json").read_text())["test"] == [{"label": "r1", **test}]
+    assert json.loads((out / "metrics.json").read_text())["test"] == [{"label": "r1", "round": 1, **test}]
     assert test["n_rows"] == TEST_ROWS and 0.0 <= test["HR@5"] <= 1.0 and "cand_HR@1" not in test
     assert not (out / "manifests" / "r0_test.json").exists()  # eval.test_every_round is off
     validation, test_section = (out / "report.md").read_text().split("## Test split")
@@ -112,6 +112,24 @@ def test_run_writes_every_phase_report_and_final_model(finished_run, data_dir):
     kept = {row: texts for row, texts in zip(table["row_id"], table["rejected_text"], strict=True) if texts}
     shards = pq.read_table(out / "data" / "r1_dpo").to_pydict()
     assert dict(zip(shards["row_id"], shards["rejected_text"], strict=True)) == kept
+
+
+def test_export_ships_the_final_adapter_with_what_made_it(finished_run, tmp_path, capsys):
+    out, _ = finished_run
+    dest = tmp_path / "shipped"
+    assert main(["export", "--run", str(out), "--to", str(dest)]) == 0
+    final = out / json.loads((out / "final.json").read_text())["adapter"]
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (dest / name).read_bytes() == (final / name).read_bytes()
+    manifest = json.loads((dest / "manifest.json").read_text())
+    dpo, scored = (json.loads((out / "manifests" / f"{p}.json").read_text()) for p in ("r1_dpo", "r1_eval"))
+    assert manifest["trained_by"] == "r1_dpo" and manifest["training"]["steps"] == dpo["metrics"]["steps"]
+    assert manifest["validation"] == {"phase": "r1_eval", "metrics": scored["metrics"]}
+    assert manifest["data"]["sha256"] == dpo["data_hashes"] and manifest["config_digest"] == dpo["config_digest"]
+    weights = manifest["base_model"]["weights_sha256"]
+    assert weights and all(len(h) == 64 for h in weights.values()) and manifest["versions"]["torch"]
+    assert json.loads(capsys.readouterr().out)["exported"] == str(dest.resolve())
+    assert main(["export", "--run", str(tmp_path), "--to", str(tmp_path / "x")]) == 2  # no finished run there
 
 
 @pytest.mark.slow

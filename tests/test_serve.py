@@ -17,9 +17,9 @@ import pytest
 from sprec_ray.artefacts import write_catalogue
 from sprec_ray.config import load_config, save_config
 from sprec_ray.data.catalogue import catalogue_from_titles
-from sprec_ray.data.dataset import load_dataset
 from sprec_ray.serve.recommender import RunDirError, load_run
 from sprec_ray.serve.schema import MAX_BODY_BYTES, RequestError, check_body_size, parse_request
+from sprec_ray.testing import load_dataset
 
 MAX_HISTORY = 8
 MAX_K = 100

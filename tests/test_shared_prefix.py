@@ -128,3 +128,31 @@ def test_split_pair_logps_reads_the_shared_order(pair_rows):
     chosen, rejected = split_pair_logps(b.labels[:, -2].float(), len(rows))  # the token before each EOS
     assert chosen.tolist() == [float(r.chosen[-2]) for r in rows]
     assert rejected.tolist() == [[float(x[-2]) for x in r.rejected] for r in rows]
+
+
+@pytest.mark.parametrize("layout", ["on", "off"])
+def test_bf16_mixed_precision_runs_the_forward_in_bf16_and_keeps_fp32_weights(pair_rows, tiny_model_dir, layout):
+    """train.mixed_precision=bf16: the engine's forward under autocast (bf16 logits), LoRA weights and
+    their gradients stay fp32, and the DPO loss stays within bf16's tolerance of the fp32 one."""
+    from sprec_ray.train.engine import build_engine, trainable_parameters
+
+    rows, pad = pair_rows
+    losses = {}
+    for precision in ("none", "bf16"):
+        cfg = load_config(None, ["dpo.loss=sdpo", "dpo.num_negatives=3", f"train.prefix_sharing={layout}",
+                                 f"train.mixed_precision={precision}", "lora.dropout=0.0"])
+        engine = build_engine(tiny_model_dir, cfg, None, 1e-3, 3, 1, torch.device("cpu"))
+        objective = PreferenceObjective(cfg, rows, pad, torch.device("cpu"))
+        objective.prepare(engine)
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(0)
+            for _, p in trainable_parameters(engine.peft_model):
+                p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+        batch = objective.collate(rows)
+        assert engine(**batch.model_inputs()).logits.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+        total, _, _ = objective.loss(engine, range(len(rows)))
+        engine.backward(total)
+        params = trainable_parameters(engine.peft_model)
+        assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32 for _, p in params)
+        losses[precision] = total.item()
+    assert losses["bf16"] == pytest.approx(losses["none"], abs=0.05) and losses["none"] > 0

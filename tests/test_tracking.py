@@ -13,9 +13,9 @@ from sprec_ray.train.tracking import Tracker, log_rounds
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = [{"loss": 2.0, "lr": 1e-3}, {"loss": 1.5, "lr": 9e-4}, {"loss": 1.25, "lr": 8e-4}]
-ROUNDS = [("r0 (SFT)", {"NDCG@5": 0.01, "HR@5": 0.02, "probe_logprob_diff": math.nan}),
-          ("r1", {"NDCG@5": 0.03, "HR@5": 0.05, "probe_logprob_diff": 0.01})]
-TESTS = [("r1", {"NDCG@5": 0.04, "cand_HR@1": 0.25}), ("r2", {"NDCG@5": 0.05})]  # r2: scored on test only
+ROUNDS = [(0, {"NDCG@5": 0.01, "HR@5": 0.02, "probe_logprob_diff": math.nan}),
+          (1, {"NDCG@5": 0.03, "HR@5": 0.05, "probe_logprob_diff": 0.01})]
+TESTS = [(1, {"NDCG@5": 0.04, "cand_HR@1": 0.25}), (2, {"NDCG@5": 0.05})]  # round 2: scored on test only
 
 
 def _run(logger: str, out: Path) -> None:

@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 
 from sprec_ray.config import load_config
 from sprec_ray.data.prompts import render_prompt, render_response
+from sprec_ray.testing import run_dpo, run_sft
 from sprec_ray.train.checkpointing import read_state
-from sprec_ray.train.loop import FAULT_ENV
-from sprec_ray.train.phases import PhaseResult, Stage, run_dpo, run_fit, run_sft, with_train
+from sprec_ray.train.phases import PhaseResult, Stage, run_fit, with_train
 
 pytestmark = pytest.mark.slow
 
@@ -97,19 +97,24 @@ def test_zero2_matches_single_process_and_updates_every_lora_param(single_proces
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(result.adapter_dir))
 
 
-@pytest.mark.timeout(300)
-def test_zero3_worker_killed_mid_run_resumes_from_checkpoint(single_process, sft_rows, tiny_model_dir, tmp_path,
-                                                            ray_session, monkeypatch):
+@pytest.mark.timeout(420)
+def test_zero3_worker_killed_mid_run_resumes_from_checkpoint(sft_rows, tiny_model_dir, tmp_path, ray_session):
+    """A worker SIGKILLed from outside once the run has checkpoints: Ray Train restarts the group,
+    which resumes from the last committed checkpoint to the trajectory of a run that never failed."""
     import ray.data
+    from faults import KillAfterCheckpoints, train_workers
 
-    marker = tmp_path / "killed"
-    monkeypatch.setenv(FAULT_ENV, f"1:3:{marker}")  # rank 1 exits once after step 3; last checkpoint is step 2
-    cfg = _cfg(tmp_path, "sft.batch_size=2", "sft.grad_accum=2", "sft.epochs=4", "train.zero_stage=3")
-    result = run_sft(cfg, tiny_model_dir, ray.data.from_items(sft_rows), tmp_path / "adapter", None, "zero3_killed")
-    assert marker.exists()
-    assert result.metrics["restored_from_step"] == 2 and result.metrics["steps"] == 4
+    common = ["sft.epochs=8", "train.checkpoint_every=1"]
+    reference = _cfg(tmp_path / "ref", "sft.batch_size=4", "sft.grad_accum=2", "train.zero_stage=0", *common, workers=0)
+    want = _losses(run_sft(reference, tiny_model_dir, ray.data.from_items(sft_rows), tmp_path / "ref_adapter", None, "ref"))
+    cfg = _cfg(tmp_path, "sft.batch_size=2", "sft.grad_accum=2", "train.zero_stage=3", *common)
+    with KillAfterCheckpoints(tmp_path / "ray_results" / "zero3_killed", lambda: (train_workers() or [None])[-1],
+                              after=3) as fault:
+        result = run_sft(cfg, tiny_model_dir, ray.data.from_items(sft_rows), tmp_path / "adapter", None, "zero3_killed")
+    assert fault.killed is not None
+    assert result.metrics["restored_from_step"] < 8 and result.metrics["steps"] == 8
     # LoRA weights, Adam moments and the data plan all came back: same trajectory as never failing
-    assert _losses(result) == pytest.approx(single_process, rel=1e-5)
+    assert _losses(result) == pytest.approx(want, rel=1e-5)
 
 
 @pytest.mark.timeout(400)
@@ -221,3 +226,15 @@ def test_gpu_bf16_zero3_sft_trains_on_nccl(sft_rows, tiny_model_dir, tmp_path, r
     losses = _losses(result)
     assert losses[-1] < losses[0]
     _assert_all_changed(_initial_lora(tiny_model_dir, cfg), result.adapter_dir)
+
+
+def test_a_rounds_sft_trains_at_the_round_lr_and_the_warm_start_at_sft_lr():
+    from sprec_ray.train.loop import StageSpec, hyper, lr_at
+
+    cfg = load_config(None, ["sft.lr=3e-4", "sft.warmup_steps=20", "sft.round_lr=2e-5", "sft.round_warmup_steps=4",
+                             "dpo.lr=1e-5", "dpo.warmup_steps=2"])
+    warm, in_round, dpo = (hyper(cfg, StageSpec(p, f"r{r}_{p}", r)) for p, r in (("sft", 0), ("sft", 1), ("dpo", 1)))
+    assert (warm.lr, warm.warmup_steps) == (3e-4, 20)
+    assert (in_round.lr, in_round.warmup_steps) == (2e-5, 4)
+    assert (dpo.lr, dpo.warmup_steps) == (1e-5, 2)
+    assert [lr_at(s, 8, 4, 2e-5) for s in (0, 3, 4, 7)] == pytest.approx([5e-6, 2e-5, 2e-5, 5e-6])

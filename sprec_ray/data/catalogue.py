@@ -36,6 +36,13 @@ class Catalogue:
     def __len__(self) -> int:
         return len(self.titles)
 
+    def __contains__(self, title: object) -> bool:
+        return title in self._title_to_id
+
+    def most_popular(self, n: int = 10) -> set[int]:
+        """The n items with most training interactions (ties by id): the head SPRec means to push down."""
+        return set(np.argsort(-self.popularity, kind="stable")[:n].tolist())
+
     def id_of(self, title: str) -> int | None:
         return self._title_to_id.get(title)
 

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..config import DataConfig
+from ..manifest import sha256_file
 from .catalogue import (
     Catalogue,
     catalogue_from_titles,
@@ -161,11 +162,7 @@ def _file_hashes(files: list[str]) -> dict[str, str]:
             fs, local = filesystem(f)
             hashes[f] = f"size:{fs.get_file_info(local).size}"
             continue
-        digest = hashlib.sha256()
-        with open(f, "rb") as stream:
-            while chunk := stream.read(1 << 22):
-                digest.update(chunk)
-        hashes[f] = digest.hexdigest()
+        hashes[f] = sha256_file(Path(f))
     return hashes
 
 

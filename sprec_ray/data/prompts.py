@@ -7,7 +7,7 @@ response is always '"Title"' followed by EOS.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 
 HEADER_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -51,11 +51,29 @@ def render_response(title: str) -> str:
     return f'"{title}"'
 
 
-def parse_response(text: str) -> str:
-    """The title inside the first pair of quotes (or up to the end / first newline if unclosed)."""
-    text = text.strip()
-    if text.startswith('"'):
-        body = text[1:]
-        end = body.rfind('"') if body.count('"') > 1 and body.endswith('"') else body.find('"')
-        return (body[:end] if end >= 0 else body.split("\n")[0]).strip()
-    return text.split("\n")[0].strip()
+def parse_response(text: str, catalogue: Container[str] = frozenset()) -> str:
+    """The answer's title, "" when unparsed. The whole answer (first line, outer quotes removed) when it
+    is a catalogue title, since a few titles hold quotes; else the text inside the first pair of quotes,
+    as SPRec reads it. Several quoted titles give the first; an opened quote never closed gives "" (a cut-off
+    answer); an answer without quotes gives its first line."""
+    line, whole = _answer(text)
+    if whole and whole in catalogue:
+        return whole
+    start = line.find('"')
+    if start < 0:  # no quote at all: the first line, as SPRec's evaluation reads it
+        return line
+    end = line.find('"', start + 1)
+    return line[start + 1:end].strip() if end > 0 else ""
+
+
+def names_several_titles(text: str, catalogue: Container[str] = frozenset()) -> bool:
+    """An answer listing more than one quoted title (parse_response keeps the first): counted, as
+    SPRec's parser silently does the same."""
+    line, whole = _answer(text)
+    return line.count('"') >= 4 and whole not in catalogue
+
+
+def _answer(text: str) -> tuple[str, str]:
+    """The answer's first line, and that line without one pair of enclosing quotes."""
+    line = text.strip().split("\n")[0].strip()
+    return line, line[1:-1] if len(line) >= 2 and line[0] == line[-1] == '"' else line

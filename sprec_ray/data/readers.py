@@ -1,4 +1,5 @@
-"""Readers for the three input formats. Each returns examples plus a `BadRows` report.
+"""Readers for the SPRec and S-DPO JSON formats (interaction logs go through `data/pipeline.py`).
+Each returns examples plus a `BadRows` report.
 
 strict=True turns the first bad row into a `DataError` naming file and row; strict=False skips
 the row and records it, so nothing is lost without a trace.
@@ -10,12 +11,6 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from .catalogue import Catalogue, catalogue_from_titles
 from .records import BadRows, DataError, Example
@@ -41,10 +36,10 @@ def _iter_json_rows(path: Path, bad: BadRows, strict: bool) -> Iterator[tuple[in
         try:
             yield line_no, json.loads(line)
         except json.JSONDecodeError as err:
-            _reject(bad, strict, line_no, f"malformed JSON ({err.msg})")
+            reject_row(bad, strict, line_no, f"malformed JSON ({err.msg})")
 
 
-def _reject(bad: BadRows, strict: bool, row: int, reason: str) -> None:
+def reject_row(bad: BadRows, strict: bool, row: int, reason: str) -> None:
     if strict:
         raise DataError(f"{bad.source}: row {row}: {reason}")
     bad.add(row, reason)
@@ -101,7 +96,7 @@ def read_sprec_json(path: str | Path, catalogue: Catalogue, strict: bool = False
             ids = tuple(catalogue.id_of(t) for t in history)
             examples.append(Example(row_no, ids, target))  # type: ignore[arg-type]
         except _RowError as err:
-            _reject(bad, strict, row_no, str(err))
+            reject_row(bad, strict, row_no, str(err))
     return examples, bad
 
 
@@ -127,7 +122,7 @@ def read_sdpo_json(path: str | Path, catalogue: Catalogue | None = None, strict:
                 raise _RowError(f"trueSelection {target!r} is not in itemList")
             raw.append((row_no, names, [str(i) for i in items], target))
         except _RowError as err:
-            _reject(bad, strict, row_no, str(err))
+            reject_row(bad, strict, row_no, str(err))
     if catalogue is None:
         catalogue = catalogue_from_titles(sorted({n for _, h, c, t in raw for n in (*h, *c, t)}))
     examples = []
@@ -135,98 +130,11 @@ def read_sdpo_json(path: str | Path, catalogue: Catalogue | None = None, strict:
         ids = [catalogue.id_of(n) for n in (*names, *items, target)]
         if any(i is None for i in ids):
             unknown = next(n for n, i in zip((*names, *items, target), ids, strict=True) if i is None)
-            _reject(bad, strict, row_no, f"unknown item {unknown!r}")
+            reject_row(bad, strict, row_no, f"unknown item {unknown!r}")
             continue
         h, c = ids[: len(names)], ids[len(names) : len(names) + len(items)]
         examples.append(Example(row_no, tuple(h), ids[-1], tuple(c)))  # type: ignore[arg-type]
     return catalogue, examples, bad
-
-
-def _read_table(path: Path) -> pa.Table:
-    if not path.exists():
-        raise DataError(f"{path} does not exist")
-    if path.suffix == ".parquet" or path.is_dir():
-        return pq.read_table(path)
-    if path.suffix in (".csv", ".tsv"):
-        opts = pacsv.ParseOptions(delimiter="\t" if path.suffix == ".tsv" else ",")
-        convert = pacsv.ConvertOptions(strings_can_be_null=True)
-        return pacsv.read_csv(path, parse_options=opts, convert_options=convert)
-    raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .csv, .tsv or .parquet")
-
-
-def read_interactions(
-    path: str | Path,
-    items_path: str | Path | None = None,
-    max_history: int = 10,
-    strict: bool = False,
-) -> tuple[Catalogue, dict[str, list[Example]], BadRows]:
-    """Raw (user, item, timestamp) logs -> leave-last-out sequences.
-
-    Per user, time-ordered: the last interaction is the test target, the one before it the valid
-    target, and every earlier position (with at least one item before it) a train example. Items
-    are titled from the optional items table (item, title[, genres as "a|b"]), else by their id.
-    """
-    path = Path(path)
-    table = _read_table(path)
-    bad = BadRows(str(path))
-    needed = ["user", "item", "timestamp"]
-    missing = [c for c in needed if c not in table.column_names]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {missing}; found {table.column_names}")
-    users = table.column("user").cast(pa.string()).to_pylist()
-    items = table.column("item").cast(pa.string()).to_pylist()
-    try:
-        stamps = pc.cast(table.column("timestamp"), pa.float64(), safe=False).to_pylist()
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        stamps = []
-        for row_no, value in enumerate(table.column("timestamp").to_pylist()):
-            try:
-                stamps.append(float(value))
-            except (TypeError, ValueError):
-                stamps.append(None)
-                if strict:
-                    raise DataError(f"{path}: row {row_no}: timestamp {value!r} is not a number") from None
-
-    titles_by_item: dict[str, str] = {}
-    genres_by_item: dict[str, tuple[str, ...]] = {}
-    if items_path:
-        items_table = _read_table(Path(items_path))
-        if "item" not in items_table.column_names or "title" not in items_table.column_names:
-            raise DataError(f"{items_path}: needs columns item and title; found {items_table.column_names}")
-        genre_col = items_table.column("genres").to_pylist() if "genres" in items_table.column_names else None
-        for i, (item, title) in enumerate(zip(items_table.column("item").cast(pa.string()).to_pylist(),
-                                             items_table.column("title").to_pylist(), strict=True)):
-            titles_by_item[item] = str(title)
-            genres_by_item[item] = tuple(g for g in (genre_col[i] or "").split("|") if g) if genre_col else ()
-
-    events: dict[str, list[tuple[float, int, str]]] = {}
-    for row_no, (user, item, stamp) in enumerate(zip(users, items, stamps, strict=True)):
-        if user is None or item is None:
-            _reject(bad, strict, row_no, "missing user or item")
-            continue
-        if stamp is None or np.isnan(stamp):
-            _reject(bad, strict, row_no, "missing or non-numeric timestamp")
-            continue
-        if titles_by_item and item not in titles_by_item:
-            _reject(bad, strict, row_no, f"item {item!r} is not in the items table")
-            continue
-        events.setdefault(user, []).append((stamp, row_no, item))
-
-    item_keys = sorted(titles_by_item) if titles_by_item else sorted({e[2] for ev in events.values() for e in ev})
-    key_to_id = {k: i for i, k in enumerate(item_keys)}
-    catalogue = catalogue_from_titles(
-        [titles_by_item.get(k, k) for k in item_keys], [genres_by_item.get(k, ()) for k in item_keys]
-    )
-    splits: dict[str, list[Example]] = {"train": [], "valid": [], "test": []}
-    for user in sorted(events):
-        seq = sorted(events[user])  # time, then file order for ties
-        ids = [key_to_id[item] for _, _, item in seq]
-        rows = [row for _, row, _ in seq]
-        for pos in range(1, len(ids)):
-            split = "test" if pos == len(ids) - 1 else "valid" if pos == len(ids) - 2 else "train"
-            history = tuple(ids[max(0, pos - max_history) : pos])
-            splits[split].append(Example(rows[pos], history, ids[pos], user=user))
-    return catalogue, splits, bad
 
 
 def read_eval_file(path: str | Path, catalogue: Catalogue, max_history: int) -> list[Example]:

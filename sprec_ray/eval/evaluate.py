@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..data.catalogue import Catalogue
-from ..data.prompts import parse_response
+from ..data.prompts import names_several_titles, parse_response
 from ..data.records import Example
 from .candidates import candidate_metrics
 from .metrics import ranking_metrics
@@ -21,10 +21,12 @@ def evaluate_completions(completions: Sequence[Sequence[str]], rows: Sequence[Ex
     With `candidates` (the candidate task's list per row) the cand_ metrics are added too."""
     if len(completions) != len(rows):
         raise ValueError(f"{len(completions)} completions for {len(rows)} rows")
-    texts = [parse_response(c[0]) if c else "" for c in completions]
+    texts = [parse_response(c[0], catalogue) if c else "" for c in completions]
     valid = np.array([bool(t) for t in texts])
     ids, scores = grounder.ground(texts, k=max(ks))
     metrics = ranking_metrics(ids, [e.target for e in rows], [e.history for e in rows], catalogue, ks, valid=valid)
+    metrics.update(answer_stats(texts, ids[:, 0], valid, catalogue))
+    metrics["n_several_titles"] = float(sum(names_several_titles(c[0], catalogue) for c in completions if c))
     predictions = [{"row_id": e.row_id, "target": e.target, "generated": c[0] if c else "", "parsed": t,
                     "top": ids[i, : max(ks)].tolist()}
                    for i, (e, c, t) in enumerate(zip(rows, completions, texts, strict=True))]
@@ -35,3 +37,13 @@ def evaluate_completions(completions: Sequence[Sequence[str]], rows: Sequence[Ex
         for p, cands, names in zip(predictions, candidates, named, strict=True):
             p.update(candidates=list(cands), named=names)
     return metrics, predictions
+
+
+def answer_stats(texts: Sequence[str], top1: np.ndarray, valid: np.ndarray, catalogue: Catalogue) -> dict[str, float]:
+    """What the warm start's popularity bias looks like: the share of rows whose top-1 item is a top-10
+    training item, the share of answers that are exact catalogue titles, and how many distinct answers."""
+    n = max(len(texts), 1)
+    head = catalogue.most_popular()
+    return {"top10_share@1": sum(int(i) in head for i in top1[valid]) / n,
+            "exact_share": sum(t in catalogue for t in texts) / n,
+            "distinct_answers": float(len({t for t in texts if t}))}

@@ -2,8 +2,9 @@
 
 Both backends tokenize prompts themselves with the base model's tokenizer, so the same prompt gives
 the same token ids in either engine, and both cut a completion right after the closing quote of
-'"Title"' (the stop string '"\\n', or EOS). `cfg.backend` picks one; vLLM is imported lazily inside the
-vLLM backend only, because it spawns an EngineCore process and must not run at import time.
+'"Title"' (the stop string '"\\n', or EOS). `cfg.backend` picks one (`factory.make_backend`); vLLM is
+imported lazily inside the vLLM backend only, because it spawns an EngineCore process and must not
+run at import time.
 """
 
 from __future__ import annotations
@@ -139,17 +140,3 @@ def adapter_path(adapter_dir: str | Path | None) -> Path | None:
     if not (path / "adapter_config.json").exists():
         raise FileNotFoundError(f"adapter dir {path} has no adapter_config.json (expected a peft save_pretrained dir)")
     return path
-
-
-def make_backend(cfg: GenerationConfig, base_model: str | Path, max_lora_rank: int, seed: int) -> GenerationBackend:
-    """The engine named by cfg.backend ("vllm" | "hf" | "auto") for the base checkpoint at `base_model`."""
-    backend = resolve_backend(cfg)
-    if backend == "vllm":
-        from .vllm_backend import VLLMBackend
-
-        return VLLMBackend(cfg, base_model, max_lora_rank, seed)
-    if backend == "hf":
-        from .hf_backend import HFBackend
-
-        return HFBackend(cfg, base_model, seed)
-    raise ValueError(f"generation.backend = {cfg.backend!r}: expected 'auto', 'vllm' or 'hf'")

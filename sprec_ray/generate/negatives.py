@@ -31,13 +31,12 @@ from typing import Literal, Protocol
 import numpy as np
 
 from ..data.catalogue import Catalogue
-from ..data.prompts import parse_response
+from ..data.prompts import names_several_titles, parse_response
 from ..data.records import Example
 from ..eval.grounding import normalise_title
 
 NegativeSource = Literal["generated", "grounded"]
 OnEqualPositive = Literal["drop", "popular_random"]
-TOP_POPULAR = 10  # SPRec claims to suppress the most popular items: the share of negatives among them
 
 
 class GrounderLike(Protocol):
@@ -68,7 +67,8 @@ class NegativeStats:
     rows_kept: int = 0
     rows_dropped: int = 0  # no usable completion (and nothing to replace)
     completions: int = 0
-    unparsed: int = 0  # no title text after parse_response
+    unparsed: int = 0  # no title text after parse_response (e.g. no closing quote)
+    several_titles: int = 0  # completions listing several quoted titles (the first is used)
     equal_to_positive: int = 0  # exact or nearest item == target
     duplicates: int = 0  # same text (generated) / item (grounded) as a negative already taken for the row
     surplus: int = 0  # usable, but the row already had K
@@ -78,7 +78,7 @@ class NegativeStats:
     topped_up: int = 0  # popularity-weighted random items filling rows with 1..K-1 model negatives
     negatives: int = 0
     in_history: int = 0  # model negatives whose item is in the user's history (kept)
-    top_popular: int = 0  # negatives whose item (nearest item for new text) is a top-10 training item
+    top_popular: int = 0  # negatives whose item (nearest item for new text) is a top-10 training item (SPRec's target)
 
     def metrics(self) -> dict[str, float]:
         share = self.top_popular / self.negatives if self.negatives else 0.0
@@ -111,8 +111,9 @@ def build_negatives(examples: Sequence[Example], completions: Sequence[Sequence[
     num_items = len(catalogue)
     _check_inputs(examples, completions, num_items, k)
     stats = NegativeStats(rows=len(examples))
-    parsed = [[normalise_title(parse_response(t)) for t in texts] for texts in completions]
+    parsed = [[normalise_title(parse_response(t, catalogue)) for t in texts] for texts in completions]
     stats.completions = sum(len(p) for p in parsed)
+    stats.several_titles = sum(names_several_titles(t, catalogue) for texts in completions for t in texts)
     texts = [t for p in parsed for t in p if t]
     if texts:
         nearest = grounder.ground(texts, 1)[0][:, 0]
@@ -121,7 +122,7 @@ def build_negatives(examples: Sequence[Example], completions: Sequence[Sequence[
         nearest = exact = np.zeros(0, dtype=np.int64)
     popularity = np.asarray(catalogue.popularity)
     weights = popularity.astype(np.float64) + 1.0
-    top = set(np.argsort(-popularity, kind="stable")[:TOP_POPULAR].tolist())
+    top = catalogue.most_popular()
     out, j = [], 0
     for e, row in zip(examples, parsed, strict=True):
         grounded = []

@@ -34,7 +34,8 @@ from ..config import GenerationConfig
 from ..models.base import model_dir
 from ..runtime import worker_env
 from .adapter_check import ProbeResult, compare_probe, reference_token_logprobs, run_probe
-from .backends import Decoding, adapter_path, make_backend, resolve_backend
+from .backends import Decoding, adapter_path, resolve_backend
+from .factory import make_backend
 
 log = logging.getLogger(__name__)
 

@@ -114,7 +114,7 @@ class Recommender:
     def __init__(self, run: RunInfo, catalogue: Catalogue | None = None) -> None:
         from transformers import AutoTokenizer
 
-        from ..generate.backends import make_backend
+        from ..generate.factory import make_backend
 
         cfg = run.cfg
         self.run = run
@@ -150,7 +150,7 @@ class Recommender:
         """One response body per request, same order; one generate and one ground call per batch."""
         prompts = [self.prompt(r) for r in reqs]
         generations = self.backend.generate(prompts, self.adapter_dir, self.adapter_id)
-        parsed = [[parse_response(t) for t in outs] for outs in generations]
+        parsed = [[parse_response(t, self.catalogue) for t in outs] for outs in generations]
         excluded = [sorted(set(r.history)) if r.exclude_history else [] for r in reqs]
         wanted = [min(r.k, len(self.catalogue) - len(ex)) for r, ex in zip(reqs, excluded, strict=True)]
         texts, rows_of, exclude_rows = [], [], []

@@ -89,8 +89,14 @@ class TrainEngine:
     peft_model: Any  # the PeftModel (for save_pretrained); under DeepSpeed its params may be partitioned
     optimizer: Any
     keep_alive: Any = None  # objects that must live as long as the engine (ZeRO-3's HfDeepSpeedConfig)
+    autocast: torch.dtype | None = None  # train.mixed_precision: the forward's compute dtype
+    device_type: str = "cpu"
 
     def __call__(self, **inputs: Any) -> Any:
+        with torch.autocast(self.device_type, dtype=self.autocast, enabled=self.autocast is not None):
+            return self.forward(**inputs)
+
+    def forward(self, **inputs: Any) -> Any:
         raise NotImplementedError
 
     def micro_batch(self, boundary: bool) -> contextlib.AbstractContextManager[None]:
@@ -147,7 +153,7 @@ class DeepSpeedTrainEngine(TrainEngine):
         self.engine.module_state_dict = lambda *args, **kwargs: {}
         self._grad_norm = 0.0
 
-    def __call__(self, **inputs: Any) -> Any:
+    def forward(self, **inputs: Any) -> Any:
         return self.engine(**inputs)
 
     @contextlib.contextmanager
@@ -205,7 +211,7 @@ class TorchTrainEngine(TrainEngine):
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
         self.max_grad_norm = max_grad_norm
 
-    def __call__(self, **inputs: Any) -> Any:
+    def forward(self, **inputs: Any) -> Any:
         return self.module(**inputs)
 
     def micro_batch(self, boundary: bool) -> contextlib.AbstractContextManager[None]:
@@ -277,8 +283,22 @@ def build_engine(base_model: Path, cfg: RunConfig, init_adapter: Path | None, lr
             hf_ds = HfDeepSpeedConfig(ds_config)  # transformers holds only a weakref: keep it alive
     model = build_policy(base_model, cfg.lora, init_adapter, dtype, cfg.seed, cfg.model.attn_implementation,
                          cfg.train.gradient_checkpointing)
+    engine: TrainEngine
     if ds_config is not None:
-        engine: TrainEngine = DeepSpeedTrainEngine(model, stage, lr, ds_config, device)
+        engine = DeepSpeedTrainEngine(model, stage, lr, ds_config, device)
         engine.keep_alive = hf_ds
-        return engine
-    return TorchTrainEngine(model, lr, cfg.train.max_grad_norm, device, distributed)
+    else:
+        engine = TorchTrainEngine(model, lr, cfg.train.max_grad_norm, device, distributed)
+    engine.device_type = device.type
+    engine.autocast = torch.bfloat16 if uses_bf16(cfg.train.mixed_precision, device) else None
+    return engine
+
+
+def uses_bf16(mixed_precision: str, device: torch.device) -> bool:
+    """train.mixed_precision on this worker; "auto" asks the hardware (CPUs without native bf16
+    emulate it, slower than fp32)."""
+    if mixed_precision != "auto":
+        return mixed_precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()

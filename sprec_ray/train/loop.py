@@ -43,15 +43,12 @@ from .checkpointing import AdapterFiles, TrainerState, load_engine_state, read_c
 from .engine import build_engine, set_lora_dropout
 from .tracking import Tracker, progress
 
-# test-only: "[node@]rank:step:marker_file" or "[node@]rank:stage:step:marker_file" -> that rank exits
-# (with node@: kills its node's raylet) once after `step`
-FAULT_ENV = "SPRECRAY_FAULT_INJECT"
-
 
 @dataclass(frozen=True)
 class StageSpec:
     phase: Literal["sft", "dpo"]
     name: str  # also the key of the stage's dataset in the fit
+    round: int = 0  # 0 = the warm start
 
 
 @dataclass(frozen=True)
@@ -66,7 +63,6 @@ class FitSpec:
     log_dir: str
     staging_dir: str
     env: tuple[tuple[str, str], ...] = ()
-    fault: str = ""
 
 
 @dataclass(frozen=True)
@@ -79,9 +75,11 @@ class Hyper:
     max_steps: int
 
 
-def hyper(cfg: RunConfig, phase: str) -> Hyper:
-    section = cfg.sft if phase == "sft" else cfg.dpo
-    return Hyper(section.lr, section.epochs, section.batch_size, section.grad_accum, section.warmup_steps, section.max_steps)
+def hyper(cfg: RunConfig, stage: StageSpec) -> Hyper:
+    """The stage's optimisation settings; an SFT inside a round (round >= 1) uses sft.round_lr and its warm-up."""
+    s = cfg.sft if stage.phase == "sft" else cfg.dpo
+    lr, warmup = (cfg.sft.round_lr, cfg.sft.round_warmup_steps) if stage.phase == "sft" and stage.round else (s.lr, s.warmup_steps)
+    return Hyper(lr, s.epochs, s.batch_size, s.grad_accum, warmup, s.max_steps)
 
 
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:
@@ -166,30 +164,6 @@ class StepPlan:
         return self._steps[within]
 
 
-def _maybe_fault(spec: FitSpec, stage: str, rank: int, step: int) -> None:
-    """Tests' fault injection: '[node@]rank:[stage:]step:marker' ends that rank once after that step;
-    with 'node@' it takes its whole node down (the raylet) as a lost machine would."""
-    if not spec.fault:
-        return
-    node, fault = spec.fault.startswith("node@"), spec.fault.removeprefix("node@")
-    parts = fault.split(":", 3)
-    want_rank, want_stage, want_step, marker = parts if len(parts) == 4 else (parts[0], stage, parts[1], parts[2])
-    if rank == int(want_rank) and stage == want_stage and step == int(want_step) and not Path(marker).exists():
-        import ray.train
-
-        # Die only once the controller has registered every checkpoint reported so far; a report
-        # still in flight when the process vanishes is lost, and the test could not know which step
-        # the restart should resume from.
-        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
-        Path(marker).write_text(f"rank {rank} {'took its node down' if node else 'exited'} after step {step} of {stage}\n")
-        if node:
-            import psutil
-
-            raylet = next(p for p in psutil.Process().parents() if "raylet" in p.name())
-            raylet.kill()
-        os._exit(1)
-
-
 def train_loop(config: dict[str, Any]) -> None:
     """`train_loop_per_worker` of the fit's TorchTrainer; config = {"spec": FitSpec}."""
     spec: FitSpec = config["spec"]
@@ -212,7 +186,7 @@ def train_loop(config: dict[str, Any]) -> None:
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoder = Encoder(tokenizer, cfg.model.max_prompt_len, cfg.model.max_response_len)
-    h0 = hyper(cfg, spec.stages[0].phase)
+    h0 = hyper(cfg, spec.stages[0])
     engine = build_engine(base_model, cfg, Path(spec.init_adapter) if spec.init_adapter else None,
                           h0.lr, h0.batch_size, h0.grad_accum, device)
     setup_s = time.perf_counter() - started
@@ -258,7 +232,7 @@ def _run_stage(spec: FitSpec, stage: StageSpec, index: int, engine: Any, encoder
 
     from .objectives import PreferenceObjective, SFTObjective
 
-    cfg, h = spec.cfg, hyper(spec.cfg, stage.phase)
+    cfg, h = spec.cfg, hyper(spec.cfg, stage)
     marks = {"setup_s": setup_s} if setup_s else {}  # model + engine: paid by the fit's first stage only
     t = time.perf_counter()
     rows = load_rows(ray.train.get_dataset_shard(stage.name), stage.phase, cfg, encoder)
@@ -292,8 +266,9 @@ def _run_stage(spec: FitSpec, stage: StageSpec, index: int, engine: Any, encoder
         if stage.phase == "dpo":
             layout = ("; prefix-shared rows" if objective.shared else "; one row per response (train.prefix_sharing="
                       f"{cfg.train.prefix_sharing}, model.attn_implementation={cfg.model.attn_implementation})")
-        progress(f"[{stage.name}] {engine.name}, {world} workers x {common} rows x {torch.get_num_threads()} threads, {plan.total} steps "
-                 f"({plan.per_epoch}/epoch); setup: {setup}{layout}")
+        precision = "bf16 autocast" if engine.autocast is not None else cfg.model.dtype
+        progress(f"[{stage.name}] {engine.name} {precision}, {world} workers x {common} rows x {torch.get_num_threads()} threads, "
+                 f"{plan.total} steps ({plan.per_epoch}/epoch), lr {h.lr:g}, warm-up {h.warmup_steps}; setup: {setup}{layout}")
 
     tracker = Tracker(rank, cfg.train.logger, Path(spec.log_dir) / stage.name, stage.name, cfg.to_dict())
     stat_names = objective.stat_names
@@ -342,7 +317,6 @@ def _run_stage(spec: FitSpec, stage: StageSpec, index: int, engine: Any, encoder
             _report(engine, state, {**means, "step": float(state.step), "stage_index": float(index)}, rank, staging,
                     checkpoint_due, finished)
             window = []
-        _maybe_fault(spec, stage.name, rank, state.step)
     tracker.close()
 
 

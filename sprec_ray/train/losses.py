@@ -92,7 +92,8 @@ def sdpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_ch
 def preference_stats(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
                      ref_rejected: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
     """Per-batch sums (detached) of the implicit rewards: chosen beta*r_w, rejected mean_k beta*r_k,
-    margin = chosen - rejected, and accuracy = rows where the chosen reward beats every rejected one."""
+    margin = chosen - rejected, accuracy = rows where the chosen reward beats every rejected one, and
+    the log-ratios log pi/pi_ref in nats: a falling chosen one shows likelihood displacement."""
     with torch.no_grad():
         rejected = policy_rejected if policy_rejected.dim() == 2 else policy_rejected.unsqueeze(-1)
         ref_rej = ref_rejected if ref_rejected.dim() == 2 else ref_rejected.unsqueeze(-1)
@@ -103,4 +104,6 @@ def preference_stats(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
             "rejected_reward": rejected_r.mean(-1).sum(),
             "reward_margin": (chosen_r - rejected_r.mean(-1)).sum(),
             "accuracy": (chosen_r.unsqueeze(-1) > rejected_r).all(-1).float().sum(),
+            "chosen_logratio": (policy_chosen - ref_chosen).sum(),
+            "rejected_logratio": (rejected - ref_rej).mean(-1).sum(),
         }

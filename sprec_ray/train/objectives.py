@@ -29,7 +29,7 @@ from .batching import (
     plan_sorted,
     split_pair_logps,
 )
-from .engine import DTYPES, TrainEngine
+from .engine import DTYPES, TrainEngine, uses_bf16
 from .losses import cft_loss_sum, dpo_loss, preference_stats, sdpo_loss, sequence_logps, sft_loss_sum
 from .shared_prefix import SharedPrefixBatch, collate_pairs_shared, use_prefix_sharing
 
@@ -82,7 +82,7 @@ class SFTObjective:
 
 
 class PreferenceObjective:
-    stat_names = ("loss", "chosen_reward", "rejected_reward", "reward_margin", "accuracy")
+    stat_names = ("loss", "chosen_reward", "rejected_reward", "reward_margin", "accuracy", "chosen_logratio", "rejected_logratio")
 
     def __init__(self, cfg: RunConfig, rows: Sequence[PairRow], pad_id: int, device: torch.device):
         self.rows = list(rows)
@@ -93,7 +93,8 @@ class PreferenceObjective:
         self.ref_batch = cfg.dpo.batch_size
         self.ref: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.shared = use_prefix_sharing(cfg.train.prefix_sharing, cfg.model.attn_implementation)
-        self.mask_dtype = DTYPES[cfg.model.dtype]
+        # The additive mask must match the attention's compute dtype (sdpa refuses a mix).
+        self.mask_dtype = torch.bfloat16 if uses_bf16(cfg.train.mixed_precision, device) else DTYPES[cfg.model.dtype]
 
     def lengths(self) -> list[int]:
         return [r.shared_length if self.shared else r.length for r in self.rows]

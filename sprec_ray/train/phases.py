@@ -1,8 +1,6 @@
 """Driver-side API: run training stages as one Ray Train `TorchTrainer` fit and return their adapters.
 
     run_fit(cfg, base_model, [Stage(...), ...], init_adapter, name) -> {stage name: PhaseResult}
-    run_sft(cfg, base_model, train_ds, out_dir, init_adapter, name) -> PhaseResult   (a one-stage fit)
-    run_dpo(cfg, base_model, pairs_ds, out_dir, sft_adapter, name) -> PhaseResult   (a one-stage fit)
 
 A round's SFT and DPO run as two stages of one fit: one worker group, one model load, and the DPO
 reference pass computed in between from the SFT weights just trained. Run storage is
@@ -22,20 +20,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from ..config import RunConfig
 from ..data.records import DataError
 from .checkpointing import export_adapter, read_state
-from .loop import FAULT_ENV, FitSpec, StageSpec, train_loop
+from .loop import FitSpec, StageSpec, train_loop
 from .tracking import check_logger_available
-
-if TYPE_CHECKING:
-    import ray.data
 
 SFT_COLUMNS = ("prompt", "response")
 DPO_COLUMNS = ("row_id", "prompt", "response", "rejected")
-_MEAN_KEYS = ("loss", "factual_loss", "chosen_reward", "rejected_reward", "reward_margin", "accuracy", "grad_norm")
+_MEAN_KEYS = ("loss", "factual_loss", "chosen_reward", "rejected_reward", "reward_margin", "accuracy",
+              "chosen_logratio", "rejected_logratio", "grad_norm")
 
 
 @dataclass(frozen=True)
@@ -53,6 +49,7 @@ class Stage:
     name: str
     dataset: Any  # ray.data.Dataset
     out_dir: Path
+    round: int = 0  # 0 = the warm start; a round's SFT trains at sft.round_lr
 
 
 def summarize(history: list[dict[str, float]], timing: dict[str, float], restored_from: int = 0) -> dict[str, float]:
@@ -75,7 +72,8 @@ def summarize(history: list[dict[str, float]], timing: dict[str, float], restore
     out["final_loss"] = history[-1]["loss"]
     if "accuracy" in history[-1]:
         out["final_accuracy"] = history[-1]["accuracy"]
-        out["final_reward_margin"] = history[-1]["reward_margin"]
+        for key in ("reward_margin", "chosen_logratio", "rejected_logratio"):
+            out[f"final_{key}"] = history[-1][key]
     out["steps"] = float(len(history))
     out["compute_s"] = sum(h["step_time_s"] for h in history)  # stage wall time minus this = orchestration
     out.update({k: float(v) for k, v in timing.items()})  # setup_s, data_s, reference_s / prepare_s, loop_s
@@ -118,12 +116,12 @@ def run_fit(cfg: RunConfig, base_model: Path, stages: Sequence[Stage], init_adap
         raise ValueError(f"a fit needs distinct stage names, got {[s.name for s in stages]}")
     datasets = {s.name: _checked(cfg, s) for s in stages}
     spec = FitSpec(
-        name=name, stages=tuple(StageSpec(s.phase, s.name) for s in stages), cfg=cfg,
+        name=name, stages=tuple(StageSpec(s.phase, s.name, s.round) for s in stages), cfg=cfg,
         base_model=str(base_model),
         init_adapter=str(Path(init_adapter).resolve()) if init_adapter else None,
         log_dir=str((Path(cfg.output_dir) / "tensorboard").resolve()),
         staging_dir=str(Path(tempfile.gettempdir()) / "sprec_ray_ckpt" / f"{name}-{os.getpid()}"),
-        env=tuple(sorted(worker_env().items())), fault=os.environ.get(FAULT_ENV, ""))
+        env=tuple(sorted(worker_env().items())))
     local = cfg.train.num_workers == 0
     resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": cfg.train.gpus_per_worker} if cfg.train.use_gpu else {})}
     trainer = TorchTrainer(
@@ -164,20 +162,6 @@ def _checked(cfg: RunConfig, stage: Stage) -> Any:
         known = _check(cfg, stage.dataset, DPO_COLUMNS, "DPO")
         columns = DPO_COLUMNS if known else None
     return stage.dataset.select_columns(list(columns)) if columns else stage.dataset
-
-
-def run_sft(cfg: RunConfig, base_model: Path, train_ds: ray.data.Dataset, out_dir: Path,
-            init_adapter: Path | None, name: str) -> PhaseResult:
-    """SFT (or CFT when cfg.sft.cft.enabled) on columns prompt, response (+ cf_prompt, optional row_id).
-    `init_adapter=None` starts a fresh LoRA from cfg.lora; otherwise that adapter keeps training."""
-    return run_fit(cfg, base_model, [Stage("sft", name, train_ds, Path(out_dir))], init_adapter, name)[name]
-
-
-def run_dpo(cfg: RunConfig, base_model: Path, pairs_ds: ray.data.Dataset, out_dir: Path,
-            sft_adapter: Path, name: str) -> PhaseResult:
-    """DPO / S-DPO (cfg.dpo.loss) on columns row_id, prompt, response (chosen), rejected (K strings).
-    The policy starts from `sft_adapter`, which is also the reference model."""
-    return run_fit(cfg, base_model, [Stage("dpo", name, pairs_ds, Path(out_dir))], sft_adapter, name)[name]
 
 
 def with_train(cfg: RunConfig, **changes: Any) -> RunConfig:

@@ -40,7 +40,8 @@ def check_logger_available(logger: str) -> None:
 
 
 def format_line(name: str, step: int, total: int, metrics: dict[str, float], eta_s: float | None = None) -> str:
-    keys = [k for k in ("loss", "factual_loss", "reward_margin", "accuracy", "lr", "grad_norm", "tokens_per_s") if k in metrics]
+    keys = [k for k in ("loss", "factual_loss", "reward_margin", "chosen_logratio", "rejected_logratio", "accuracy", "lr",
+                        "grad_norm", "tokens_per_s") if k in metrics]
     body = " ".join(f"{k}={metrics[k]:.4g}" for k in keys)
     eta = f" eta {eta_s:.0f}s" if eta_s is not None else ""
     return f"[{name}] step {step}/{total} epoch {int(metrics.get('epoch', 0))} {body}{eta}"
@@ -140,18 +141,18 @@ class Tracker:
         self._sink = None
 
 
-def log_rounds(logger: str, config: dict[str, Any], rounds: Sequence[tuple[str, dict[str, float]]],
-               tests: Sequence[tuple[str, dict[str, float]]] = ()) -> None:
-    """The driver's per-round metrics as one tracked run "rounds": validation as round/<metric>, the
-    test split as test/<metric>, each at its round's number (labels "r0 (SFT)", "r1", ...)."""
+def log_rounds(logger: str, config: dict[str, Any], rounds: Sequence[tuple[int, dict[str, float]]],
+               tests: Sequence[tuple[int, dict[str, float]]] = ()) -> None:
+    """The driver's per-round metrics, as (round, metrics), in one tracked run "rounds": validation as
+    round/<metric>, the test split as test/<metric>, each at its round's number as the step."""
     if logger == "none":
         return
     log_dir = Path(str(config.get("output_dir", "."))).resolve() / "tensorboard" / "rounds"
     tracker = Tracker(0, logger, log_dir, "rounds", config)
     by_step: dict[int, list[tuple[str, dict[str, float]]]] = {}
     for prefix, rows in (("round", rounds), ("test", tests)):
-        for label, metrics in rows:  # eval.every_round=false leaves gaps; the step stays the round's
-            by_step.setdefault(int(label[1:].split()[0]), []).append((prefix, metrics))
+        for r, metrics in rows:  # eval.every_round=false leaves gaps; the step stays the round's
+            by_step.setdefault(r, []).append((prefix, metrics))
     try:
         for step in sorted(by_step):  # in step order: W&B drops a step below its last
             for prefix, metrics in by_step[step]:
