@@ -12,7 +12,8 @@ warm start was scored on the same rows when it was trained (its manifest). Varia
   sprec_high_lr    SPRec at a higher DPO learning rate (--high-lr), to show how sensitive it is
   sprec_sdpo       SPRec + S-DPO, K=3 distinct sampled answers
 The settings come from --config (configs/default.yaml: SPRec's round lr 2e-5 with warm-up, DPO
-batch 8). The seeds vary the rows sampled per round, random negatives and the training order.
+batch 8). The seeds vary the rows sampled per round, random negatives and the training order. Rounds
+sample from the whole train split, whose popularity ORRatio counts, as the warm start's scoring did.
 
 Each finished run leaves a small JSON in benchmarks/results/quality_runs/ (final metrics, the
 negatives of every round, its time): commit them as they finish. A rerun skips finished runs and
@@ -115,7 +116,7 @@ def run_one(args: argparse.Namespace, seed: int, variant: str, warm_start: Path)
         return
     run_dir = Path(args.out) / f"seed{seed}" / variant
     overrides = [f"seed={seed}", f"output_dir={run_dir}", f"name=quality-{variant}", f"selfplay.rounds={args.rounds}",
-                 f"selfplay.round_samples={args.round_rows}", f"data.valid_samples={args.valid}",
+                 f"selfplay.round_samples={args.round_rows}", "data.train_samples=0", f"data.valid_samples={args.valid}",
                  f"selfplay.init_adapter={warm_start}", "eval.every_round=false", *variant_overrides(variant, args),
                  *args.overrides]
     started = time.time()
