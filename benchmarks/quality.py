@@ -10,6 +10,7 @@ warm start was scored on the same rows when it was trained (its manifest). Varia
   sprec_generated  SPRec: the negative is the model's own greedy answer text (dpo.negative_source=generated)
   sprec_grounded   SPRec with the catalogue item nearest to that text as the negative
   sprec_high_lr    SPRec at a higher DPO learning rate (--high-lr), to show how sensitive it is
+  dpo_random_high_lr  random negatives at that learning rate: sprec_high_lr's control
   sprec_sdpo       SPRec + S-DPO, K=3 distinct sampled answers
 The settings come from --config (configs/default.yaml: SPRec's round lr 2e-5 with warm-up, DPO
 batch 8). The seeds vary the rows sampled per round, random negatives and the training order. Rounds
@@ -21,7 +22,7 @@ resumes an interrupted one (its run directory under --out); --report-only rebuil
 quality.json and the plot from the committed JSONs, without Ray.
 
     python benchmarks/quality.py --seeds 0 1 2 --rounds 2 --round-rows 128
-    python benchmarks/quality.py --seeds 0 --variants sprec_grounded sprec_high_lr --rounds 2 --round-rows 128
+    python benchmarks/quality.py --seeds 0 --variants sprec_grounded sprec_high_lr dpo_random_high_lr --rounds 2 --round-rows 128
     python benchmarks/quality.py --report-only
 """
 
@@ -30,9 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -42,7 +41,8 @@ KEYS = ("NDCG@5", "HR@5", "DivRatio@5", "ORRatio@5", "DGU@5", "DivRatio@1", "ORR
         "exact_share", "distinct_answers", "n_unparsed")
 NEGATIVE_KEYS = ("rows_kept", "rows_dropped", "unparsed", "several_titles", "exact", "new_text", "in_history",
                  "equal_to_positive", "top_popular_share")
-VARIANTS = ("sft_only", "dpo_random", "sprec_generated", "sprec_grounded", "sprec_high_lr", "sprec_sdpo")
+VARIANTS = ("sft_only", "dpo_random", "sprec_generated", "sprec_grounded", "sprec_high_lr", "dpo_random_high_lr",
+            "sprec_sdpo")
 
 
 def variant_overrides(name: str, args: argparse.Namespace) -> list[str]:
@@ -52,14 +52,9 @@ def variant_overrides(name: str, args: argparse.Namespace) -> list[str]:
         "sprec_generated": ["dpo.negative_source=generated"],
         "sprec_grounded": ["dpo.negative_source=grounded"],
         "sprec_high_lr": ["dpo.negative_source=generated", f"dpo.lr={args.high_lr}"],
+        "dpo_random_high_lr": ["selfplay.method=dpo_random", f"dpo.lr={args.high_lr}"],
         "sprec_sdpo": ["dpo.loss=sdpo", "dpo.num_negatives=3", "generation.decoding=sample", "generation.n=3"],
     }[name]
-
-
-def machine() -> str:
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "?")
-    return f"{name}, {os.cpu_count()} cores"
 
 
 def finite(value: float | None) -> float | None:
@@ -109,6 +104,7 @@ def plot(groups: list[tuple[str, list[dict]]], keys: tuple[str, ...], path: Path
 def run_one(args: argparse.Namespace, seed: int, variant: str, warm_start: Path) -> None:
     """One run to its final adapter, then its small result JSON (skipped when that JSON exists)."""
     from sprec_ray.config import load_config
+    from sprec_ray.manifest import machine_name
     from sprec_ray.selfplay import run_selfplay
 
     result = Path(args.results) / f"seed{seed}_{variant}.json"
@@ -133,7 +129,7 @@ def run_one(args: argparse.Namespace, seed: int, variant: str, warm_start: Path)
         "final": {k: finite(v) for k, v in rounds[-1].items() if k not in ("label", "round")},
         "negatives": {n: {k: finite(v) for k, v in m.items()} for n, m in negatives.items()}, "dpo": dpo,
         "seconds": sum(m["seconds"] for m in manifests.values()), "wall_s_this_sitting": time.time() - started,
-        "machine": machine(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "machine": machine_name(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }, indent=2))
     print(f"wrote {result}", flush=True)
 

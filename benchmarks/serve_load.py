@@ -1,4 +1,4 @@
-"""Load test of the /recommend endpoint: p50/p99 latency and requests/s at several concurrency levels.
+"""Load test of /recommend or /rank: p50/p99 latency and requests/s at several concurrency levels.
 
 Everything runs on this machine over loopback (127.0.0.1): a local Ray, the real Serve app from
 `sprec_ray.serve.app.serve_run`, and a thread pool of HTTP clients. Each level is bounded by a
@@ -7,12 +7,20 @@ their ratios are comparable:
 
 * `batch1-1rep`: max_batch_size 1, one replica (no batching);
 * `batch8-1rep`: max_batch_size 8, one replica (the batching effect alone);
-* `batch8-auto`: max_batch_size 8, replicas autoscaled 1..2 (the default serving setup).
+* `batch8-auto`: max_batch_size 8, replicas autoscaled 1..2 (the default serving setup);
+* `batch8-2rep`: two replicas from the start, for `--kill-replica-after` (a replica lost under load).
 
     .venv/bin/python benchmarks/serve_load.py                       # tiny model built on the fly
     .venv/bin/python benchmarks/serve_load.py --run runs/default --levels 1 8 32 --backend vllm
+    .venv/bin/python benchmarks/serve_load.py --endpoint rank --candidates 20 100 --levels 1 16 64 \
+        --variants batch8-auto --requests 2000 --out benchmarks/results/serve_rank.json
 
-Writes a Markdown table to stdout and bench_out/serve_load.json.
+With `--endpoint rank` every request sends `--candidates` distinct items outside its history, and
+the same run also scores those lists in process both ways, one prefix-shared sequence per request
+against one full forward per candidate (generate/scoring.py): the time ratio and whether the
+rankings are identical.
+
+Writes a Markdown table to stdout and bench_out/serve_load.json (or --out).
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ VARIANTS = {
     "batch1-1rep": ["serve.max_batch_size=1", "serve.min_replicas=1", "serve.max_replicas=1"],
     "batch8-1rep": ["serve.max_batch_size=8", "serve.min_replicas=1", "serve.max_replicas=1"],
     "batch8-auto": ["serve.max_batch_size=8", "serve.min_replicas=1", "serve.max_replicas=2"],
+    "batch8-2rep": ["serve.max_batch_size=8", "serve.min_replicas=2", "serve.max_replicas=2"],  # --kill-replica-after
 }
 
 
@@ -100,8 +109,18 @@ def sft_tiny(model_dir: Path, pairs: list[tuple[str, str]], steps: int, batch: i
     model.save_pretrained(model_dir)
 
 
+def request_body(i: int, endpoint: str, n_items: int, max_history: int, candidates: int) -> dict:
+    history = [(i * 13 + j) % n_items for j in range(1 + i % max_history)]
+    if endpoint == "recommend":
+        return {"history": history, "k": 10}
+    start = (i * 7) % n_items
+    free = [c % n_items for c in range(start, start + n_items) if c % n_items not in history][:candidates]
+    return {"history": history, "candidates": free, "k": 10}
+
+
 def run_level(url: str, concurrency: int, max_requests: int, max_seconds: float, n_items: int,
-              max_history: int) -> dict[str, float]:
+              max_history: int, endpoint: str = "recommend", candidates: int = 0,
+              kill_after_s: float = 0.0) -> dict[str, float]:
     import requests
 
     latencies: list[float] = []
@@ -116,12 +135,12 @@ def run_level(url: str, concurrency: int, max_requests: int, max_seconds: float,
         for i in counter:  # shared iterator: the level stops after max_requests in total
             if time.monotonic() > deadline:
                 return
-            history = [(i * 13 + j) % n_items for j in range(1 + i % max_history)]
+            body = request_body(i, endpoint, n_items, max_history, candidates)
             t0 = time.perf_counter()
             try:
-                resp = session.post(f"{url}/recommend", json={"history": history, "k": 10}, timeout=120)
+                resp = session.post(f"{url}/{endpoint}", json=body, timeout=120)
                 ok = resp.status_code == 200 and len(resp.json()["items"]) == 10
-                grounded = ok and resp.json()["source"] == "model"
+                grounded = ok and resp.json().get("source", "model") == "model"
             except requests.RequestException:
                 ok = grounded = False
             dt = time.perf_counter() - t0
@@ -133,6 +152,8 @@ def run_level(url: str, concurrency: int, max_requests: int, max_seconds: float,
                     errors += 1
 
     start = time.monotonic()
+    if kill_after_s > 0:  # a replica lost under load: SIGKILL one model replica's process
+        threading.Timer(kill_after_s, kill_one_replica).start()
     with ThreadPoolExecutor(concurrency) as pool:
         for _ in range(concurrency):
             pool.submit(client)
@@ -142,6 +163,58 @@ def run_level(url: str, concurrency: int, max_requests: int, max_seconds: float,
             "p50_ms": round(float(np.percentile(lat, 50)), 1), "p99_ms": round(float(np.percentile(lat, 99)), 1),
             "req_per_s": round(len(latencies) / wall, 1), "wall_s": round(wall, 1),
             "grounded_share": round(model_answers / max(len(latencies), 1), 3)}
+
+
+def scoring_layouts(run, n_items: int, max_history: int, candidates: int, requests: int = 16) -> dict[str, float]:
+    """One engine in process: the same requests' candidate lists scored as one prefix-shared sequence
+    each and as one row per candidate, alternating request by request (side by side)."""
+    import torch
+
+    from sprec_ray.generate.factory import make_backend
+    from sprec_ray.generate.scoring import candidate_rows, candidate_token_logprobs
+    from sprec_ray.serve.recommender import Prompts, serving_generation
+
+    prompts = Prompts(run)
+    backend = make_backend(serving_generation(run.cfg.generation), run.base_model, run.cfg.lora.r, 0)
+    titles = prompts.catalogue.titles
+    times = {"shared": 0.0, "separate": 0.0}
+    same = 0
+    for i in range(requests):
+        body = request_body(i, "rank", n_items, max_history, candidates)
+        text = prompts.rank(_rank_request(body))
+        rows = candidate_rows(backend.tokenizer, [text], [[titles[c] for c in body["candidates"]]])
+        ranks = {}
+        for layout in ("shared", "separate") if i % 2 == 0 else ("separate", "shared"):
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                lps = candidate_token_logprobs(backend.model, rows, backend.tokenizer.pad_token_id,
+                                               backend.model.dtype, layout)[0]
+            times[layout] += time.perf_counter() - t0
+            sums = [sum(t) for t in lps]
+            ranks[layout] = sorted(range(len(sums)), key=lambda j: -sums[j])
+        same += ranks["shared"] == ranks["separate"]
+    backend.close()
+    return {"candidates": candidates, "requests": requests, "shared_ms": round(1000 * times["shared"] / requests, 1),
+            "separate_ms": round(1000 * times["separate"] / requests, 1),
+            "separate_over_shared": round(times["separate"] / times["shared"], 2), "identical_rankings": same}
+
+
+def _rank_request(body: dict):
+    from sprec_ray.serve.schema import RankRequest
+
+    return RankRequest(tuple(body["history"]), tuple(body["candidates"]), body["k"])
+
+
+def kill_one_replica() -> None:
+    import os
+    import signal
+
+    import psutil
+
+    pids = [p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"])  # Ray's process title for a replica
+            if (p.info["cmdline"] or [""])[0].startswith("ray::ServeReplica:sprec:Recommender")]
+    os.kill(pids[0], signal.SIGKILL)
+    print(f"killed replica pid {pids[0]} ({len(pids)} were up)", flush=True)
 
 
 def replica_count() -> int:
@@ -157,8 +230,12 @@ def main() -> None:
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--requests", type=int, default=400, help="max requests per level")
     ap.add_argument("--max-seconds", type=float, default=30.0, help="time budget per level")
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS)[:3], choices=list(VARIANTS))
     ap.add_argument("--backend", choices=["hf", "vllm"], default="hf")
+    ap.add_argument("--endpoint", choices=["recommend", "rank"], default="recommend")
+    ap.add_argument("--candidates", type=int, nargs="+", default=[20], help="/rank: candidates per request")
+    ap.add_argument("--kill-replica-after", type=float, default=0.0,
+                    help="SIGKILL one model replica this many seconds into every level (0: never)")
     ap.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray")
     ap.add_argument("--out", type=Path, default=Path("bench_out/serve_load.json"))
     args = ap.parse_args()
@@ -179,18 +256,24 @@ def main() -> None:
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     port = free_port()
     rows = []
+    sizes = args.candidates if args.endpoint == "rank" else [0]
+    layouts = [scoring_layouts(run, n_items, max_history, c) for c in sizes] if args.endpoint == "rank" else []
+    for row in layouts:
+        print(f"in-process scoring, {row['candidates']} candidates: {row}", flush=True)
     try:
-        for variant in args.variants:
+        for variant, size in [(v, c) for v in args.variants for c in sizes]:
             overrides = ["serve.host=127.0.0.1", f"serve.port={port}", f"generation.backend={args.backend}",
                          *VARIANTS[variant]]
             t0 = time.monotonic()
             url = serve_run(run_dir, overrides, block=False)
             deploy_s = time.monotonic() - t0
-            run_level(url, 4, 20, 30, n_items, max_history)  # warm-up: first batches, lazy imports
+            run_level(url, 4, 20, 30, n_items, max_history, args.endpoint, size)  # warm-up: first batches, lazy imports
             print(f"[{variant}] deployed in {deploy_s:.1f}s", flush=True)
             for level in args.levels:
-                row = {"variant": variant, **run_level(url, level, args.requests, args.max_seconds, n_items,
-                                                        max_history), "replicas_after": replica_count()}
+                row = {"variant": variant, "candidates": size,
+                       **run_level(url, level, args.requests, args.max_seconds, n_items, max_history, args.endpoint, size,
+                                   args.kill_replica_after),
+                       "replicas_after": replica_count()}
                 rows.append(row)
                 print(f"[{variant}] c={level}: {row}", flush=True)
             serve.delete("sprec")
@@ -199,12 +282,18 @@ def main() -> None:
         ray.shutdown()
         tmp.cleanup()
 
-    header = "| variant | concurrency | requests | errors | p50 ms | p99 ms | req/s | grounded | replicas after |"
-    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    header = ("| endpoint | variant | candidates | concurrency | requests | errors | p50 ms | p99 ms | req/s | grounded "
+              "| replicas after |")
+    lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['concurrency']} | {r['requests']} | {r['errors']} | {r['p50_ms']} | "
-                     f"{r['p99_ms']} | {r['req_per_s']} | {r['grounded_share']:.0%} | {r['replicas_after']} |")
-    base = {r["concurrency"]: r["req_per_s"] for r in rows if r["variant"] == "batch1-1rep"}
+        lines.append(f"| {args.endpoint} | {r['variant']} | {r['candidates'] or '-'} | {r['concurrency']} | "
+                     f"{r['requests']} | {r['errors']} | {r['p50_ms']} | {r['p99_ms']} | {r['req_per_s']} | "
+                     f"{r['grounded_share']:.0%} | {r['replicas_after']} |")
+    for row in layouts:
+        lines.append(f"\nscoring {row['candidates']} candidates in process: prefix-shared {row['shared_ms']} ms, one row "
+                     f"per candidate {row['separate_ms']} ms ({row['separate_over_shared']}x); identical rankings "
+                     f"{row['identical_rankings']}/{row['requests']}")
+    base = {r["concurrency"]: r["req_per_s"] for r in rows if r["variant"] == "batch1-1rep" and not r["candidates"]}
     ratios = {f"{r['variant']}@c{r['concurrency']}": round(r["req_per_s"] / base[r["concurrency"]], 2)
               for r in rows if r["variant"] != "batch1-1rep" and base.get(r["concurrency"])}
     print("\n".join(lines))
@@ -212,7 +301,8 @@ def main() -> None:
         print("\nthroughput vs batch1-1rep at the same concurrency: " + json.dumps(ratios))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "rows": rows, "ratios_vs_batch1": ratios, "backend": args.backend, "run": str(run_dir) if args.run else "tiny",
+        "endpoint": args.endpoint, "kill_replica_after_s": args.kill_replica_after, "rows": rows, "scoring_layouts": layouts, "ratios_vs_batch1": ratios,
+        "backend": args.backend, "run": str(run_dir) if args.run else "tiny",
         "catalogue_items": n_items, "max_new_tokens": run.cfg.generation.max_new_tokens,
         "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version(),
                     "processor": platform.processor()},

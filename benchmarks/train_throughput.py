@@ -39,6 +39,7 @@ from pathlib import Path
 from sprec_ray.config import load_config
 from sprec_ray.data.prompts import render_prompt, render_response
 from sprec_ray.data.synthetic import write_synthetic_sprec
+from sprec_ray.manifest import machine_name
 from sprec_ray.models.base import build_tiny_model
 from sprec_ray.runtime import init_ray
 from sprec_ray.testing import load_dataset
@@ -222,7 +223,6 @@ def _smollm2_goodreads(work: Path, n: int) -> tuple[Path, list[dict], dict[int, 
     """SmolLM2, n Goodreads train rows rendered as the default config renders them (3 random rejected
     titles each), the fp32 matmul peak on 1 and 2 threads, and the machine's name."""
     import random
-    import subprocess
 
     from generate_throughput import matmul_peak
 
@@ -238,9 +238,7 @@ def _smollm2_goodreads(work: Path, n: int) -> tuple[Path, list[dict], dict[int, 
              "rejected": [render_response(titles[rng.randrange(len(titles))]) for _ in range(3)]}
             for e in (x.last(max_history) for x in data.train[:n])]
     peak = {t: matmul_peak(t, "float32") for t in (1, 2)}
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), platform.machine())
-    return model_dir, rows, peak, f"{name}, {os.cpu_count()} cores"
+    return model_dir, rows, peak, machine_name()
 
 
 def _dir_bytes(path: Path) -> int:

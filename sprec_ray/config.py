@@ -200,6 +200,11 @@ class EvalConfig:
     every_round: bool = True
     # The test split is evaluated once, with the final adapter; true: with every round's adapter.
     test_every_round: bool = False
+    # "logprob": also rank every evaluated row's candidate list by log p('"Title"' + EOS | the run's
+    # prompt) (generate/scoring.py); generate-task rows get data.num_candidates sampled candidates.
+    candidate_scoring: Literal["generate", "logprob"] = "generate"
+    # mean: per answer token; sum: log p(whole answer), which favours short titles (benchmarks/RESULTS.md)
+    logprob_norm: Literal["sum", "mean"] = "mean"
 
 
 @dataclass(frozen=True)
@@ -212,6 +217,10 @@ class ServeConfig:
     batch_wait_timeout_s: float = 0.01
     max_history: int = 50
     max_k: int = 100
+    max_candidates: int = 100  # per POST /rank request
+    # A request whose replica died is sent once more; with no replica up within this time the client
+    # gets 503 + Retry-After.
+    retry_timeout_s: float = 30.0
     # Ray Serve HTTP proxies: one per node (Ray's default) or on the head only, e.g. when every
     # node shares one network namespace and so one port.
     proxy_location: Literal["EveryNode", "HeadOnly"] = "EveryNode"
@@ -269,6 +278,7 @@ def _check_cross_fields(cfg: RunConfig) -> None:
         "sft.batch_size": cfg.sft.batch_size, "dpo.batch_size": cfg.dpo.batch_size,
         "dpo.num_negatives": cfg.dpo.num_negatives, "sft.grad_accum": cfg.sft.grad_accum,
         "dpo.grad_accum": cfg.dpo.grad_accum, "serve.max_k": cfg.serve.max_k,
+        "serve.max_candidates": cfg.serve.max_candidates,
         "train.log_every": cfg.train.log_every, "data.num_candidates": cfg.data.num_candidates,
         "train.checkpoint_every": cfg.train.checkpoint_every, "generation.shard_size": cfg.generation.shard_size,
         "generation.tensor_parallel": cfg.generation.tensor_parallel,
@@ -281,7 +291,8 @@ def _check_cross_fields(cfg: RunConfig) -> None:
     for key, value in {"generation.request_timeout_s": cfg.generation.request_timeout_s,
                        "generation.startup_timeout_s": cfg.generation.startup_timeout_s,
                        "train.max_grad_norm": cfg.train.max_grad_norm, "sft.lr": cfg.sft.lr,
-                       "sft.round_lr": cfg.sft.round_lr, "dpo.lr": cfg.dpo.lr}.items():
+                       "sft.round_lr": cfg.sft.round_lr, "dpo.lr": cfg.dpo.lr,
+                       "serve.retry_timeout_s": cfg.serve.retry_timeout_s}.items():
         if not value > 0:
             raise ConfigError(f"{key} must be > 0, got {value}")
     for key, value in {"generation.max_actor_restarts": cfg.generation.max_actor_restarts,

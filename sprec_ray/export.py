@@ -9,8 +9,6 @@ self-play from such a folder, as SPRec starts its rounds from a separately train
 from __future__ import annotations
 
 import json
-import os
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -18,18 +16,10 @@ from typing import Any
 
 from .artefacts import FINAL_FILE, in_run
 from .config import load_config
-from .manifest import Phase, phase_order, sha256_file, write_json_atomic
+from .manifest import Phase, machine_name, phase_order, sha256_file, write_json_atomic
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 TRAIN_KEYS = ("steps", "first_loss", "final_loss", "loss", "tokens_per_s", "fit_s")
-
-
-def _machine() -> str:
-    """The CPU model and core count the figures were measured on (GPU runs name their GPU in the config)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
-    return f"{model}, {os.cpu_count()} cores"
 
 
 def export_run(run: str | Path, dest: str | Path) -> dict[str, Any]:
@@ -62,7 +52,7 @@ def export_run(run: str | Path, dest: str | Path) -> dict[str, Any]:
         "trained_by": trained[-1], "training": {k: last["metrics"][k] for k in TRAIN_KEYS if k in last["metrics"]},
         "training_seconds": sum(manifests[n]["seconds"] for n in trained),
         "validation": {"phase": scored[-1], "metrics": evaluated["metrics"]},
-        "versions": last["versions"], "machine": _machine(),
+        "versions": last["versions"], "machine": machine_name(),
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     write_json_atomic(dest / "manifest.json", manifest)

@@ -30,6 +30,14 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def machine_name() -> str:
+    """The CPU model and core count figures were measured on, as results name their machine."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
+    return f"{model}, {os.cpu_count()} cores"
+
+
 def sha256_file(path: Path) -> str:
     """Read in chunks: interaction logs can be GBs."""
     digest = hashlib.sha256()

@@ -1,7 +1,8 @@
 """Per-round report in the run directory: report.md (table + PNG plots + phase timings) and the same
 as one self-contained page, report.html (plots embedded as base64 PNG, so it can be mailed or
 attached as a single file). Test-split results, when there are any, get their own section after
-the validation tables, and the candidate task's HR@1 / ValidRatio their own table."""
+the validation tables, and the candidate task's HR@1 / ValidRatio and the log-prob ranking of
+candidate lists their own tables."""
 
 from __future__ import annotations
 
@@ -33,6 +34,10 @@ def _tables(rows: Rows, ks: Sequence[int]) -> list[tuple[str, int | None, list[s
         tables.append((f"@{k}", k, ["run", *keys], _cells(rows, keys)))
     if any(k in m for _, m in rows for k in CANDIDATE_KEYS):
         tables.append(("candidate task", None, ["run", "HR@1", "ValidRatio"], _cells(rows, CANDIDATE_KEYS)))
+    rank_keys = [f"rank_{n}@{k}" for k in ks for n in ("HR", "NDCG")]
+    if any(k in m for _, m in rows for k in rank_keys):
+        tables.append(("candidates ranked by log-prob", None, ["run", *(k[5:] for k in rank_keys)],
+                       _cells(rows, rank_keys)))
     return tables
 
 

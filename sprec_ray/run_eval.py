@@ -63,7 +63,7 @@ def evaluate_run(run: str | Path, overrides: list[str] | tuple[str, ...] = (), s
             out, predictions = out_dir / "metrics.json", out_dir / "predictions.jsonl"
         else:
             predictions = out.with_name(f"{out.stem}.predictions.jsonl")
-        _, metrics = session.evaluate(rows, completions, timing, predictions)
+        _, metrics = session.evaluate(rows, completions, timing, predictions, adapter_dir, info.round + 1)
     finally:
         session.shutdown_pool()
     header = {"adapter": adapter_dir, "split": None if data is not None else split,

@@ -162,7 +162,8 @@ class SelfPlayDriver:
                     outputs, metrics = self._negatives(negatives_for, rows, generated.get(name))
                 else:
                     outputs, metrics = self.session.evaluate(split_rows[stage], *generated[name],
-                                                             self.run_dir / f"r{r}" / f"{stage}_predictions.jsonl")
+                                                             self.run_dir / f"r{r}" / f"{stage}_predictions.jsonl",
+                                                             adapter, r + 1)
                 gen_s = metrics.get("generate_s", 0.0) + metrics.get("adapter_switch_s", 0.0) + metrics.get("actor_startup_s", 0.0)
                 out[name] = (outputs, metrics, time.perf_counter() - t + gen_s)
             log.info("generation pass r%d: %.1fs for %s", r, time.perf_counter() - start, " + ".join(todo))

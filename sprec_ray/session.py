@@ -52,14 +52,31 @@ class RunSession:
                     for e in rows]
         return [render_prompt([titles[i] for i in e.history], noun) for e in rows]
 
-    def evaluate(self, rows: Sequence[Example], completions: list[list[str]], timing: dict[str, float], path: Path):
-        """Ground the rows' completions, score them, and write one prediction per row to `path`."""
+    def evaluate(self, rows: Sequence[Example], completions: list[list[str]], timing: dict[str, float], path: Path,
+                 adapter: str | None, adapter_id: int):
+        """Ground the rows' completions, score them, and write one prediction per row to `path`; with
+        eval.candidate_scoring=logprob, also rank each row's candidates by log-prob with `adapter`."""
+        import time
+
+        from .eval.candidates import rank_metrics, ranked
         from .eval.evaluate import evaluate_completions
+        from .generate.scoring import answer_scores
 
         candidates = [self.candidates(e) for e in rows] if self.cfg.data.task == "candidates" else None
         metrics, predictions = evaluate_completions(completions, rows, self.data.catalogue, self.grounder,
                                                     self.cfg.eval.ks, candidates)
         metrics.update(timing)
+        if self.cfg.eval.candidate_scoring == "logprob":
+            start = time.perf_counter()
+            lists = [self.candidates(e) for e in rows]
+            titles = self.data.catalogue.titles
+            token_lps = self.score(self.prompts(rows), [[titles[c] for c in cands] for cands in lists], adapter,
+                                   adapter_id)
+            scores = [answer_scores(t, self.cfg.eval.logprob_norm) for t in token_lps]
+            metrics.update(rank_metrics(scores, lists, [e.target for e in rows], self.cfg.eval.ks))
+            metrics["rank_s"] = time.perf_counter() - start
+            for p, cands, row_scores in zip(predictions, lists, scores, strict=True):
+                p["ranked"] = [cands[i] for i in ranked(row_scores)]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(p) + "\n" for p in predictions))
         return {"predictions": str(path)}, metrics
@@ -76,12 +93,7 @@ class RunSession:
         switch and one probe for all of them, and groups that decode alike share one request stream.
         Timing per group: actor start-up (when this call started the pool), adapter hand-off
         (switch + probe) and generation throughput (a shared stream's time split by prompts)."""
-        from .generate.pool import GenerationPool
-
-        startup = 0.0
-        if self._pool is None:
-            self._pool = GenerationPool(self.cfg.generation, self.base_model, self.cfg.lora.r, self.cfg.seed)
-            startup = self._pool.startup_s
+        startup = 0.0 if self._pool is not None else self._started_pool().startup_s
         out: list[tuple[list[list[str]], dict[str, float]] | None] = [None] * len(groups)
         try:
             for decoding in dict.fromkeys(d for _, d in groups):  # distinct decodings, first-seen order
@@ -104,6 +116,22 @@ class RunSession:
         finally:
             if not self.cfg.generation.keep_alive:
                 self.shutdown_pool()
+
+    def score(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]], adapter: str | None,
+              adapter_id: int) -> list[list[list[float]]]:
+        """Each prompt's candidate answers' token log-probs, on the pool (generate/scoring.py)."""
+        try:
+            return self._started_pool().score(prompts, candidates, adapter, adapter_id)
+        finally:
+            if not self.cfg.generation.keep_alive:
+                self.shutdown_pool()
+
+    def _started_pool(self):
+        from .generate.pool import GenerationPool
+
+        if self._pool is None:
+            self._pool = GenerationPool(self.cfg.generation, self.base_model, self.cfg.lora.r, self.cfg.seed)
+        return self._pool
 
     def release_pool(self) -> None:
         """Free the engines' GPU memory while a fit runs (generation.release_while_training)."""

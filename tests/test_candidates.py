@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pyarrow as pa
 import pytest
@@ -13,7 +14,7 @@ from sprec_ray.data.prompts import render_candidate_prompt
 from sprec_ray.data.readers import read_eval_file
 from sprec_ray.data.records import DataError, Example
 from sprec_ray.data.sharding import PromptBuilder
-from sprec_ray.eval.candidates import candidate_metrics, read_answer
+from sprec_ray.eval.candidates import candidate_metrics, rank_metrics, ranked, read_answer
 from sprec_ray.eval.embedders import HashEmbedder
 from sprec_ray.eval.evaluate import evaluate_completions
 from sprec_ray.eval.grounding import Grounder
@@ -74,6 +75,19 @@ def test_hr1_and_valid_ratio_by_hand():
     assert metrics == {"cand_HR@1": 0.5, "cand_ValidRatio": 0.5, "cand_n_none": 2.0, "cand_n_multiple": 2.0}
     assert named == [[0], [1, 3], [3], [2], [], [], [4], [0, 3]]
     assert read_answer('"Ghost", "Dune"', ["Dune", "Ghost"]) == ([0, 1], 1)  # named in candidate order, first by position
+
+
+def test_logprob_ranking_metrics_by_hand():
+    assert ranked([-3.0, -1.0, -2.0, -1.0]) == [1, 3, 2, 0]  # ties keep list order
+    scores = [[-1.0, -5.0, -3.0], [-4.0, -2.0, -0.5], [-1.0, -1.0, -9.0], [-2.0, -1.0]]
+    candidates = [[7, 8, 9], [7, 8, 9], [3, 4, 5], [1, 2]]
+    targets = [7, 8, 4, 6]  # ranks 0, 1, 1 (tie with the first), and a list without its target
+    m = rank_metrics(scores, candidates, targets, (1, 2))
+    assert m["rank_HR@1"] == pytest.approx(1 / 4) and m["rank_HR@2"] == pytest.approx(3 / 4)
+    assert m["rank_NDCG@1"] == pytest.approx(1 / 4)
+    assert m["rank_NDCG@2"] == pytest.approx((1 + 2 / math.log2(3)) / 4)
+    with pytest.raises(ValueError, match="2 scores for 3 candidates"):
+        rank_metrics([[0.0, 1.0]], [[1, 2, 3]], [1], (1,))
 
 
 def test_candidate_metrics_sit_beside_the_grounded_ones():

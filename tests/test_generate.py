@@ -166,6 +166,33 @@ def test_logprobs_and_probe_check_catch_the_wrong_adapter(hf, prompts, adapters,
         compare_probe(probe, ref_b, 0.05)
 
 
+def test_candidate_logprobs_share_the_prompt_and_match_one_row_per_candidate(hf, prompts, adapters, tiny_data):
+    import torch
+
+    from sprec_ray.generate.scoring import answer_scores, candidate_rows, candidate_token_logprobs
+
+    titles = tiny_data.catalogue.titles
+    cands = [titles[0:5], titles[5:10], titles[20:23], titles[30:50]]  # unequal lists: separate forwards
+    got = hf.candidate_logprobs(prompts[:4], cands, adapters[0], 1)
+    assert [len(r) for r in got] == [5, 5, 3, 20]
+    # each answer is '"Title"' + EOS: its title tokens score as a plain forward of prompt ++ '"Title"'
+    flat_prompts = [p for p, c in zip(prompts[:4], cands, strict=True) for _ in c]
+    plain = hf.token_logprobs(flat_prompts, [f'"{t}"' for c in cands for t in c], adapters[0], 1)
+    for answer, ref in zip([a for row in got for a in row], plain, strict=True):
+        assert len(answer) == len(ref) + 1 and answer[-1] < 0  # + EOS
+        assert max(abs(x - y) for x, y in zip(answer, ref, strict=False)) < 1e-4
+    rows = candidate_rows(hf.tokenizer, prompts[:4], cands)
+    with torch.inference_mode():
+        separate = candidate_token_logprobs(hf.model, rows, hf.tokenizer.pad_token_id, torch.float32, "separate")
+    assert max(abs(x - y) for r, s in zip(got, separate, strict=True) for a, b in zip(r, s, strict=True)
+               for x, y in zip(a, b, strict=True)) < 1e-4
+    sums, means = answer_scores(got[0], "sum"), answer_scores(got[0], "mean")
+    assert sums[0] == pytest.approx(sum(got[0][0])) and means[0] == pytest.approx(sums[0] / len(got[0][0]))
+    assert hf.candidate_logprobs(prompts[:1], [titles[:3]], adapters[1], 2) != got[:1]  # the adapter matters
+    with pytest.raises(ValueError, match="row 1: empty candidate list"):
+        hf.candidate_logprobs(prompts[:2], [titles[:2], []], adapters[0], 1)
+
+
 # ---- the pool, hf backend (fast engines, real Ray actors) ------------------------------------------
 @pytest.mark.slow
 @pytest.mark.timeout(300)
@@ -176,7 +203,13 @@ def test_hf_pool_keeps_order_and_survives_a_killed_actor(ray_session, tiny_model
 
     a = adapters[0]
     expected = hf_by_shards(hf, prompts, a, 1)
-    with GenerationPool(gen_cfg(max_actor_restarts=1), tiny_model_dir, 8, seed=0) as pool:
+    with caplog.at_level(logging.INFO, logger="sprec_ray.generate.pool"):
+        pool = GenerationPool(gen_cfg(max_actor_restarts=1), tiny_model_dir, 8, seed=0)
+    with pool:
+        # each actor computes on its share of the cores, not on Ray's num_cpus=1 single thread
+        share = max(1, len(os.sched_getaffinity(0)) // 2)
+        started = [r.getMessage() for r in caplog.records if r.getMessage().startswith("generation actor ")]
+        assert len(started) == 2 and all(m.endswith(f": {share} torch threads") for m in started), started
         with caplog.at_level(logging.INFO, logger="sprec_ray.generate.pool"):
             out = pool.generate(prompts, a, round_id=1)
         progress = [r.getMessage() for r in caplog.records if "prompts/s, ETA" in r.getMessage()]
@@ -186,9 +219,6 @@ def test_hf_pool_keeps_order_and_survives_a_killed_actor(ray_session, tiny_model
         assert (stats.round_id, stats.prompts, stats.shards, stats.completions) == (1, NUM_PROMPTS, 5, NUM_PROMPTS)
         assert sorted(stats.shards_per_actor) == [0, 1] and stats.probe_diff < 1e-4
         assert stats.gen_tokens > 0 and stats.requeued == stats.replaced == 0
-        # each actor computes on its share of the cores, not on Ray's num_cpus=1 single thread
-        share = max(1, len(os.sched_getaffinity(0)) // 2)
-        assert [ray.get(x.cpu_settings.remote())["torch_threads"] for x in pool.actors] == [share, share]
 
         killed = []
 
@@ -204,6 +234,17 @@ def test_hf_pool_keeps_order_and_survives_a_killed_actor(ray_session, tiny_model
         # the replacement is a fresh engine: it passed the adapter probe before getting shards
         assert len(pool.actors) == 2 and killed[0] not in pool.actors
 
+        # the same pool scores candidate lists, sharded like generation, in input order
+        titles = [f"Book {i}" for i in range(40)]
+        cands = [titles[i:i + 2 + i % 4] for i in range(NUM_PROMPTS)]
+        scores = pool.score(prompts, cands, a, round_id=1)
+        expected_scores = [row for s in range(0, NUM_PROMPTS, 5)
+                           for row in hf.candidate_logprobs(prompts[s:s + 5], cands[s:s + 5], a, 1)]
+        assert [len(r) for r in scores] == [len(c) for c in cands]
+        assert max(abs(x - y) for r, e in zip(scores, expected_scores, strict=True) for sa, se in zip(r, e, strict=True)
+                   for x, y in zip(sa, se, strict=True)) < 1e-4
+        assert pool.last_stats.prompts == NUM_PROMPTS and pool.last_stats.gen_tokens > 0
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
@@ -214,7 +255,7 @@ def test_pool_fails_instead_of_hanging(ray_session, tiny_model_dir, prompts, ada
     try:
         import ray  # a lone actor gets every core
 
-        assert ray.get(pool.actors[0].cpu_settings.remote())["torch_threads"] == len(os.sched_getaffinity(0))
+        assert ray.get(pool.actors[0].ready.remote())[1] == f"{len(os.sched_getaffinity(0))} torch threads"
         start = time.monotonic()
         with pytest.raises(GenerationError, match="no generation actor left"):
             pool.generate(prompts, adapters[0], round_id=1)  # every switch/shard misses its 10 ms deadline
@@ -252,12 +293,27 @@ def test_vllm_pool_matches_transformers_greedy(vllm_pool, vllm_greedy_a, prompts
     assert stats.probe_diff < 1e-3  # fp32 engine vs fp32 transformers+peft
     import ray  # the two engines split the cores and bind one OpenMP thread per core of their share
 
-    binds = [ray.get(x.cpu_settings.remote())["vllm_bind"] for x in vllm_pool.actors]
+    binds = [ray.get(x.ready.remote())[1].split("vLLM cores ")[1] for x in vllm_pool.actors]
     cores = sorted(os.sched_getaffinity(0))
     assert sorted(c for b in binds for c in map(int, b.split(","))) == cores[: len(cores) // 2 * 2]
     base = vllm_pool.generate(prompts, None, round_id=0)
     assert base == hf_by_shards(hf, prompts, None, 0, size=6)
     assert base != vllm_greedy_a
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_vllm_prompt_logprobs_rank_candidates_as_transformers_does(vllm_pool, vllm_greedy_a, prompts, adapters, hf,
+                                                                 tiny_data):
+    titles = tiny_data.catalogue.titles
+    cands = [titles[i * 4:i * 4 + 4] for i in range(6)]
+    got = vllm_pool.score(prompts[:6], cands, adapters[0], round_id=1)
+    ref = hf.candidate_logprobs(prompts[:6], cands, adapters[0], 1)
+    # both engines in float32: the same log-probs up to kernel rounding, hence the same rankings
+    assert max(abs(x - y) for r, e in zip(got, ref, strict=True) for a, b in zip(r, e, strict=True)
+               for x, y in zip(a, b, strict=True)) < 1e-3
+    assert [sorted(range(4), key=lambda j: -sum(r[j])) for r in got] == [sorted(range(4), key=lambda j: -sum(r[j]))
+                                                                         for r in ref]
 
 
 @pytest.mark.slow

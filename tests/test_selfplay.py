@@ -58,12 +58,14 @@ def finished_run(tmp_path_factory, data_dir, ray_session):
 def candidate_run(finished_run, data_dir, tmp_path_factory):
     """The candidate task from the finished run's warm start: one self-play round whose negatives are
     the model's own wrong picks among 5 candidates per row; only the final adapter is scored, on valid
-    and test (eval.every_round=false: the warm start was scored in the finished run)."""
+    and test (eval.every_round=false: the warm start was scored in the finished run), both by its
+    answers and by ranking the candidates by log-prob."""
     warm = json.loads((finished_run[0] / "manifests" / "r0_sft.json").read_text())["outputs"]["adapter"]
     out = tmp_path_factory.mktemp("run") / "cand"
     cfg = load_config(REPO / "configs" / "tiny.yaml", [*_overrides(out, data_dir), "selfplay.round_samples=8",
                                                        f"selfplay.init_adapter={warm}", "data.task=candidates",
-                                                       "data.num_candidates=5", "eval.every_round=false"])
+                                                       "data.num_candidates=5", "eval.every_round=false",
+                                                       "eval.candidate_scoring=logprob"])
     run_selfplay(cfg)
     return out
 
@@ -158,6 +160,14 @@ def test_candidate_task_trains_on_wrong_candidates_and_reports_hr1_and_valid_rat
     assert json.loads((candidate_run / "manifests" / "r1_dpo.json").read_text())["metrics"]["pairs"] == 8
     report = (candidate_run / "report.md").read_text()
     assert report.count("## candidate task") == 1 and "### test candidate task" in report
+    # log-prob ranking of the same lists: every candidate scored, so the target is always in the top 5 of 5
+    final = metrics["rounds"][-1]
+    assert final["rank_HR@5"] == 1.0 and 0.0 <= final["rank_HR@1"] <= final["rank_NDCG@5"] <= 1.0
+    predictions = [json.loads(line) for line in (candidate_run / "r1" / "eval_predictions.jsonl").read_text().splitlines()]
+    assert all(sorted(p["ranked"]) == sorted(p["candidates"]) for p in predictions)
+    hits = sum(p["ranked"][0] == p["target"] for p in predictions) / len(predictions)
+    assert final["rank_HR@1"] == pytest.approx(hits)
+    assert report.count("## candidates ranked by log-prob") == 1
 
 
 @pytest.mark.slow
@@ -177,6 +187,19 @@ def test_eval_with_out_leaves_the_run_byte_identical(candidate_run, tmp_path, ca
     assert main(["eval", "--run", str(candidate_run), "--out", str(candidate_run / "m.json")]) == 2
     assert "lies inside the run directory" in capsys.readouterr().err
     assert _files(candidate_run) == before
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_generate_task_run_ranks_sampled_candidate_lists_by_log_prob(finished_run, tmp_path):
+    """Any run can rerank a list it was never shown: its own plain prompt, 5 sampled candidates per row."""
+    run = finished_run[0]
+    assert main(["eval", "--run", str(run), "--out", str(tmp_path / "m.json"), "eval.candidate_scoring=logprob",
+                 "data.num_candidates=5", "eval.logprob_norm=sum"]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["task"] == "generate" and metrics["rank_HR@5"] == 1.0 and "cand_HR@1" not in metrics
+    predictions = [json.loads(line) for line in (tmp_path / "m.predictions.jsonl").read_text().splitlines()]
+    assert all(len(p["ranked"]) == 5 and p["target"] in p["ranked"] for p in predictions)
 
 
 @pytest.mark.slow

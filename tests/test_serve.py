@@ -18,7 +18,15 @@ from sprec_ray.artefacts import write_catalogue
 from sprec_ray.config import load_config, save_config
 from sprec_ray.data.catalogue import catalogue_from_titles
 from sprec_ray.serve.recommender import RunDirError, load_run
-from sprec_ray.serve.schema import MAX_BODY_BYTES, RequestError, check_body_size, parse_request
+from sprec_ray.serve.schema import (
+    MAX_BODY_BYTES,
+    RankRequest,
+    RecommendRequest,
+    RequestError,
+    check_body_size,
+    parse_rank_request,
+    parse_request,
+)
 from sprec_ray.testing import load_dataset
 
 MAX_HISTORY = 8
@@ -82,6 +90,41 @@ def test_unknown_items_are_all_named():
     with pytest.raises(RequestError) as info:
         _parse({"history": ["Nope", 0, 42]})
     assert "'Nope'" in info.value.message and "id 42" in info.value.message
+
+
+def _parse_rank(body: object) -> object:
+    return parse_rank_request(json.dumps(body).encode(), CAT, max_history=3, max_candidates=3)
+
+
+def test_parse_rank_resolves_candidates_and_drops_history_only_when_asked():
+    req = _parse_rank({"history": [0], "candidates": ["It", 1, "1984"]})
+    assert req == RankRequest((0,), (3, 1, 2), 3)  # the default k (10) is capped at the list
+    assert _parse_rank({"history": [0], "candidates": [3, 1], "k": 3}).k == 3  # answered with both
+    dropped = _parse_rank({"history": [0, 1], "candidates": [1, 2, 3], "drop_history": True})
+    assert (dropped.candidates, dropped.dropped, dropped.k) == ((2, 3), (1,), 2)
+
+
+@pytest.mark.parametrize("body, needle", [
+    ({"history": [0]}, "missing required field 'candidates'"),
+    ({"history": [0], "candidates": []}, "'candidates' is empty"),
+    ({"history": [0], "candidates": "Dune"}, "must be a list"),
+    ({"history": [0], "candidates": [1, 2, 3, 1]}, "limit is 3"),
+    ({"history": [0], "candidates": [1, 2, 1]}, "candidates[2] repeats candidates[0]"),
+    ({"history": [0], "candidates": [1, "Emma"]}, "candidates[1] repeats candidates[0]"),
+    ({"history": [0], "candidates": [1, 99]}, "candidates[1]: id 99"),
+    ({"history": [0], "candidates": [1, "No Such"]}, "candidates[1]: title 'No Such'"),
+    ({"history": [0], "candidates": [1, 2.5]}, "candidates[1]"),
+    ({"history": [0], "candidates": [0, 1]}, "[0] are in the history"),
+    ({"history": [0], "candidates": [0], "drop_history": True}, "nothing left to rank"),
+    ({"history": [0], "candidates": [1], "drop_history": "yes"}, "true or false"),
+    ({"history": [0], "candidates": [1], "k": 4}, "allowed 1..3"),
+    ({"history": [], "candidates": [1]}, "'history' is empty"),
+    ({"history": [0], "candidates": [1], "exclude_history": True}, "unknown field"),
+])
+def test_parse_rank_rejects(body, needle):
+    with pytest.raises(RequestError) as info:
+        _parse_rank(body)
+    assert info.value.status == 422 and needle in info.value.message
 
 
 def test_body_size_limit():
@@ -208,6 +251,52 @@ def test_recommender_merges_n_samples_and_clamps_k(sampling_recommender):
         assert scores == sorted(scores, reverse=True)
 
 
+def test_rank_orders_candidates_by_the_log_prob_of_answering_each(sampling_recommender):
+    from transformers import AutoModelForCausalLM
+
+    from sprec_ray.data.prompts import render_prompt
+
+    rec = sampling_recommender
+    titles = rec.catalogue.titles
+    req = RankRequest((3, 17), (5, 9, 11, 20, 30), 3)
+    out = rec.rank([req, RankRequest((1,), (2, 4), 10)])
+    assert [len(o["items"]) for o in out] == [3, 2] and out[0]["scoring"] == "logprob-mean"  # per answer token
+    # independently: a plain transformers forward of prompt ++ '"Title"' + EOS per candidate (no sharing)
+    import torch
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(rec.run.base_model)),
+                                      str(rec.run.adapter)).eval()
+    tok = rec.prompts.tokenizer
+    prompt = tok(render_prompt([titles[3], titles[17]]))["input_ids"]
+    expected = {}
+    for c in req.candidates:
+        answer = tok(f'"{titles[c]}"', add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids = torch.tensor([prompt + answer])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits.float(), -1)[0, len(prompt) - 1:-1]
+        expected[c] = float(logp.gather(1, torch.tensor(answer)[:, None]).mean())
+    best = sorted(expected, key=lambda c: -expected[c])[:3]
+    assert [it["id"] for it in out[0]["items"]] == best
+    for it in out[0]["items"]:
+        assert it["score"] == pytest.approx(expected[it["id"]], abs=1e-3) and it["title"] == titles[it["id"]]
+        assert it["logprob"] == pytest.approx(expected[it["id"]] * it["tokens"], abs=1e-3)
+
+
+def test_a_candidate_task_run_ranks_with_its_own_prompt_and_refuses_recommend(serve_run_dir):
+    from sprec_ray.serve.recommender import Prompts
+
+    prompts = Prompts(load_run(serve_run_dir, ["data.task=candidates"]))
+    titles = prompts.catalogue.titles
+    text = prompts.rank(RankRequest((1, 2), (9, 4), 2))
+    assert f'Candidates: "{titles[9]}", "{titles[4]}"' in text and "choose the one item from the 2" in text
+    with pytest.raises(RequestError) as info:
+        prompts.recommend(RecommendRequest((1, 2), 5, True))
+    assert info.value.status == 409 and "POST /rank" in info.value.message
+    with pytest.raises(RequestError, match="does not fit the model"):
+        prompts.check_rank(RankRequest((1,), tuple(range(60)), 5))  # 60 listed titles pass max_model_len
+
+
 def test_empty_generations_fall_back_to_popularity(sampling_recommender, monkeypatch):
     """Nothing to ground (the model wrote no title): most popular unseen items, marked as such."""
     import numpy as np
@@ -248,12 +337,12 @@ def catalogue(serve_run_dir):
     return load_catalogue(load_run(serve_run_dir))
 
 
-def _post(url: str, body: object, session=None) -> object:
+def _post(url: str, body: object, session=None, path: str = "recommend") -> object:
     import requests
 
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return (session or requests).post(f"{url}/recommend", data=data, headers={"content-type": "application/json"},
-                                      timeout=60)
+    return (session or requests).post(f"{url}/{path}", data=data, headers={"content-type": "application/json"},
+                                      timeout=120)
 
 
 @pytest.mark.slow
@@ -373,6 +462,101 @@ def test_concurrent_load_has_no_errors(endpoint, catalogue):
     # most answers went through generation + grounding, not the empty-generation fallback
     assert sum(src == "model" for _, _, src in results) > total // 2
     print(f"{total} requests, {workers} clients: {elapsed:.1f}s, {total / elapsed:.0f} req/s")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_rank_endpoint_ranks_the_candidates_it_is_sent(endpoint, catalogue):
+    body = {"history": [3, 17], "candidates": [5, catalogue.titles[9], 11, 20], "k": 3}
+    resp = _post(endpoint, body, path="rank")
+    assert resp.status_code == 200, resp.text
+    items = resp.json()["items"]
+    assert len(items) == 3 and {it["id"] for it in items} < {5, 9, 11, 20}
+    assert [it["score"] for it in items] == sorted((it["score"] for it in items), reverse=True)
+    # concurrent requests share batches (padded together) and get the same ranking as alone
+    with ThreadPoolExecutor(8) as pool:
+        resps = list(pool.map(lambda _: _post(endpoint, body, path="rank"), range(16)))
+    for r in resps:
+        assert [it["id"] for it in r.json()["items"]] == [it["id"] for it in items]
+        assert [it["score"] for it in r.json()["items"]] == pytest.approx([it["score"] for it in items], abs=1e-4)
+    for bad, needle in (({"history": [3], "candidates": [3, 4]}, "in the history"),
+                        ({"history": [3], "candidates": [4, 4]}, "repeats"),
+                        ({"history": [3], "candidates": [4, 10**6]}, "id 1000000"),
+                        ({"history": [3], "candidates": list(range(4, 4 + 101))}, "limit is 100"),
+                        ({"history": [3], "candidates": [{"id": 4}]}, "candidates[0]")):
+        resp = _post(endpoint, bad, path="rank")
+        assert resp.status_code == 422 and needle in resp.json()["error"], resp.text
+
+
+def _replica_pids(app: str) -> list[int]:
+    """Model replicas of `app` on this host (Ray titles them ray::ServeReplica:<app>:Recommender)."""
+    import psutil
+
+    return [p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"])
+            if (p.info["cmdline"] or [""])[0].startswith(f"ray::ServeReplica:{app}:Recommender")]
+
+
+def _load_while_killing(url: str, app: str, total: int, kill_after: int, catalogue) -> list:
+    """`total` requests from 8 clients, alternating /recommend and /rank; one model replica is
+    SIGKILLed once `kill_after` have been answered. The responses, in request order."""
+    import os
+    import signal
+    import threading
+
+    answered = threading.Semaphore(0)
+
+    def one(i: int):
+        n = len(catalogue)
+        body = ({"history": [i % n, (i + 1) % n], "candidates": [(i + 2 + j) % n for j in range(5)], "k": 3}
+                if i % 2 else {"history": [i % n, (i + 1) % n], "k": 3})
+        resp = _post(url, body, path="rank" if i % 2 else "recommend")
+        answered.release()
+        return resp
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(one, i) for i in range(total)]
+        for _ in range(kill_after):
+            answered.acquire(timeout=120)
+        os.kill(_replica_pids(app)[0], signal.SIGKILL)
+        return [f.result() for f in futures]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_a_replica_killed_under_load_loses_no_request(endpoint, serve_run_dir, catalogue):
+    from ray import serve
+
+    from sprec_ray.serve.app import build_app
+
+    overrides = ["serve.min_replicas=2", "serve.max_replicas=2", "generation.cpus_per_actor=0.5"]
+    serve.run(build_app({"run_dir": str(serve_run_dir), "overrides": overrides}), name="sprec-two", route_prefix="/two")
+    try:
+        assert len(_replica_pids("sprec-two")) == 2
+        resps = _load_while_killing(f"{endpoint}/two", "sprec-two", 160, 40, catalogue)
+        codes = [r.status_code for r in resps]
+        assert codes.count(200) == len(resps), {c: codes.count(c) for c in set(codes)}
+    finally:
+        serve.delete("sprec-two")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_with_no_replica_left_clients_get_503_with_retry_after_never_500(endpoint, serve_run_dir, catalogue):
+    from ray import serve
+
+    from sprec_ray.serve.app import build_app
+
+    overrides = ["serve.min_replicas=1", "serve.max_replicas=1", "generation.cpus_per_actor=0.5",
+                 "serve.retry_timeout_s=0.5"]  # far shorter than a replica's restart
+    serve.run(build_app({"run_dir": str(serve_run_dir), "overrides": overrides}), name="sprec-one", route_prefix="/one")
+    try:
+        resps = _load_while_killing(f"{endpoint}/one", "sprec-one", 48, 8, catalogue)
+        codes = [r.status_code for r in resps]
+        assert set(codes) <= {200, 503} and 503 in codes, {c: codes.count(c) for c in set(codes)}
+        assert all(r.headers.get("Retry-After") and "retry later" in r.json()["error"] for r in resps
+                   if r.status_code == 503)
+    finally:
+        serve.delete("sprec-one")
 
 
 @pytest.mark.slow

@@ -109,10 +109,10 @@ def test_zero3_worker_killed_mid_run_resumes_from_checkpoint(sft_rows, tiny_mode
     want = _losses(run_sft(reference, tiny_model_dir, ray.data.from_items(sft_rows), tmp_path / "ref_adapter", None, "ref"))
     cfg = _cfg(tmp_path, "sft.batch_size=2", "sft.grad_accum=2", "train.zero_stage=3", *common)
     with KillAfterCheckpoints(tmp_path / "ray_results" / "zero3_killed", lambda: (train_workers() or [None])[-1],
-                              after=3) as fault:
+                              after=2) as fault:
         result = run_sft(cfg, tiny_model_dir, ray.data.from_items(sft_rows), tmp_path / "adapter", None, "zero3_killed")
     assert fault.killed is not None
-    assert result.metrics["restored_from_step"] < 8 and result.metrics["steps"] == 8
+    assert 1 <= result.metrics["restored_from_step"] < 8 and result.metrics["steps"] == 8
     # LoRA weights, Adam moments and the data plan all came back: same trajectory as never failing
     assert _losses(result) == pytest.approx(want, rel=1e-5)
 

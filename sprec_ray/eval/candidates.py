@@ -17,10 +17,17 @@ Titles are compared after normalisation: inner whitespace collapsed, ends stripp
 All over the N rows evaluated. S-DPO's HitRatio@1 also requires a valid answer; here HR@1 reads
 the answer's first title as the grounded metrics do, so '"Target", "Other"' is a hit but not valid.
 The keys carry a `cand_` prefix, apart from the grounded full-catalogue NDCG/HR/DivRatio.
+
+Log-prob ranking (eval.candidate_scoring=logprob) needs no parsing: every candidate gets a score,
+the list is sorted by it (ties keep list order), and the target's rank r (0-based) gives
+
+    rank_HR@k   = (1/N) #{rows with r < k}
+    rank_NDCG@k = (1/N) sum over rows with r < k of 1 / log2(r + 2)
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 
@@ -67,3 +74,29 @@ def candidate_metrics(answers: Sequence[str], candidates: Sequence[Sequence[int]
     n = max(len(answers), 1)
     return ({"cand_HR@1": hits / n, "cand_ValidRatio": valid / n, "cand_n_none": float(none),
              "cand_n_multiple": float(multiple)}, named_ids)
+
+
+def ranked(scores: Sequence[float]) -> list[int]:
+    """Positions by descending score; equal scores keep list order."""
+    return sorted(range(len(scores)), key=lambda i: -scores[i])
+
+
+def rank_metrics(scores: Sequence[Sequence[float]], candidates: Sequence[Sequence[int]], targets: Sequence[int],
+                 ks: Sequence[int]) -> dict[str, float]:
+    """rank_HR@k and rank_NDCG@k over the rows; a row whose list lacks its target is a miss."""
+    if not len(scores) == len(candidates) == len(targets):
+        raise ValueError(f"{len(scores)} score lists, {len(candidates)} candidate lists and {len(targets)} targets")
+    totals = {f"rank_{m}@{k}": 0.0 for k in ks for m in ("HR", "NDCG")}
+    for row_scores, cands, target in zip(scores, candidates, targets, strict=True):
+        if len(row_scores) != len(cands):
+            raise ValueError(f"{len(row_scores)} scores for {len(cands)} candidates")
+        order = [cands[i] for i in ranked(row_scores)]
+        if target not in order:
+            continue
+        r = order.index(target)
+        for k in ks:
+            if r < k:
+                totals[f"rank_HR@{k}"] += 1.0
+                totals[f"rank_NDCG@{k}"] += 1.0 / math.log2(r + 2)
+    n = max(len(scores), 1)
+    return {key: value / n for key, value in totals.items()}

@@ -57,7 +57,8 @@ class Generated:
 
 
 class GenerationBackend:
-    """What both engines share; a backend implements `_generate`, `token_logprobs` and `close`."""
+    """What both engines share; a backend implements `_generate`, `token_logprobs`, `candidate_logprobs`
+    and `close`."""
 
     cfg: GenerationConfig
 
@@ -81,6 +82,11 @@ class GenerationBackend:
     def token_logprobs(self, prompts: Sequence[str], completions: Sequence[str],
                        adapter_dir: str | Path | None, adapter_id: int) -> list[list[float]]:
         """log p(token | prefix) of every completion token, completion tokenized on its own."""
+        raise NotImplementedError
+
+    def candidate_logprobs(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]],
+                           adapter_dir: str | Path | None, adapter_id: int) -> list[list[list[float]]]:
+        """Per prompt and candidate title, log p of each token of its answer '"Title"' + EOS (scoring.py)."""
         raise NotImplementedError
 
     def close(self) -> None:

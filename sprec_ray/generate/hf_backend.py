@@ -151,6 +151,22 @@ class HFBackend(GenerationBackend):
             result.append(logp[i, pos, torch.tensor(c, dtype=torch.long)].tolist() if c else [])
         return result
 
+    def candidate_logprobs(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]],
+                           adapter_dir: str | Path | None, adapter_id: int) -> list[list[list[float]]]:
+        import torch
+
+        from ..train.shared_prefix import MASKABLE_ATTENTION
+        from .scoring import candidate_rows, candidate_token_logprobs, check_answer_lengths
+
+        rows = candidate_rows(self.tokenizer, prompts, candidates)
+        check_answer_lengths(rows, self.cfg.max_model_len)
+        self._activate(adapter_dir, adapter_id)
+        # flash-attn cannot express "the prompt but not the sibling answer": one row per candidate there
+        shared = getattr(self.model.config, "_attn_implementation", "sdpa") in MASKABLE_ATTENTION
+        with torch.inference_mode():
+            return candidate_token_logprobs(self.model, rows, self.tokenizer.pad_token_id, self.model.dtype,
+                                            "shared" if shared else "separate")
+
     def _ids(self, text: str, special: bool) -> list[int]:
         return self.tokenizer(text, add_special_tokens=special)["input_ids"]
 

@@ -1,4 +1,5 @@
-"""A pool of Ray actors, one generation engine each, that turns a round's prompts into completions.
+"""A pool of Ray actors, one generation engine each, that turns a round's prompts into completions
+(`generate`), or scores each prompt's candidate titles by log-prob (`score`, generate/scoring.py).
 
 The driver cuts the prompts into shards of `cfg.shard_size` and keeps up to
 `cfg.max_inflight_per_actor` shards queued on each actor, always feeding the least busy one
@@ -49,12 +50,17 @@ class GenerationTimeoutError(GenerationError):
 
 
 @dataclass(frozen=True)
+class Scoring:
+    """A shard's work when it scores candidate lists (items are (prompt, titles)) instead of generating."""
+
+
+@dataclass(frozen=True)
 class ShardResult:
     shard: int
     round_id: int
     adapter_id: int
-    texts: list[list[str]]
-    num_tokens: int
+    outputs: list  # per item: n completions, or per candidate its answer's token log-probs
+    num_tokens: int  # generated, or scored
     seconds: float
 
 
@@ -96,14 +102,12 @@ class GenerationActor:
             torch.set_num_threads(threads)
         self.backend = make_backend(cfg, base_model, max_lora_rank, seed)
 
-    def ready(self) -> int:
-        return os.getpid()
-
-    def cpu_settings(self) -> dict[str, Any]:
+    def ready(self) -> tuple[int, str]:
+        """pid, and how the engine uses the CPU (logged: a wrong thread count halves throughput silently)."""
         import torch
 
-        return {"torch_threads": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS"),
-                "vllm_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND")}
+        bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+        return os.getpid(), f"{torch.get_num_threads()} torch threads" + (f", vLLM cores {bind}" if bind else "")
 
     def switch(self, adapter_dir: str | None, adapter_id: int, probe_prompts: list[str]) -> ProbeResult | None:
         self.backend.reclaim()
@@ -111,11 +115,15 @@ class GenerationActor:
             return None
         return run_probe(self.backend, probe_prompts, adapter_dir, adapter_id)
 
-    def generate_shard(self, shard: int, round_id: int, adapter_dir: str | None, adapter_id: int,
-                       prompts: list[str], seed: int, decoding: Decoding) -> ShardResult:
+    def run_shard(self, shard: int, round_id: int, adapter_dir: str | None, adapter_id: int,
+                  items: list, seed: int, work: Decoding | Scoring) -> ShardResult:
         start = time.perf_counter()
         self.backend.reclaim()
-        out = self.backend.generate_counted(prompts, adapter_dir, adapter_id, seed, decoding)
+        if isinstance(work, Scoring):
+            scores = self.backend.candidate_logprobs([p for p, _ in items], [c for _, c in items], adapter_dir, adapter_id)
+            return ShardResult(shard, round_id, adapter_id, scores, sum(len(a) for row in scores for a in row),
+                               time.perf_counter() - start)
+        out = self.backend.generate_counted(items, adapter_dir, adapter_id, seed, work)
         return ShardResult(shard, round_id, adapter_id, out.texts, out.num_tokens, time.perf_counter() - start)
 
     def release(self) -> None:
@@ -193,7 +201,9 @@ class GenerationPool:
             self.shutdown()
             raise
         for ref, task in list(self._pending.items()):
-            self._slots[task.slot].pid = ray.get(ref, timeout=1.0)
+            slot = self._slots[task.slot]
+            slot.pid, cpu = ray.get(ref, timeout=1.0)
+            log.info("generation actor %d (pid %d): %s", slot.index, slot.pid, cpu)
             self._slots[task.slot].state = "idle"
         self._pending.clear()
         self.startup_s = time.perf_counter() - start
@@ -290,76 +300,71 @@ class GenerationPool:
             raise GenerationError(f"this pool failed earlier ({self._broken!r}); shut it down and start a new one")
         if isinstance(prompts, str) or any(not isinstance(p, str) for p in prompts):
             raise TypeError("prompts must be a sequence of str")
-        dec = (decoding or Decoding.from_config(self.cfg)).check()
+        return self._map(list(prompts), adapter_dir, round_id, (decoding or Decoding.from_config(self.cfg)).check(),
+                         progress)
+
+    def score(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]], adapter_dir: str | Path | None,
+              round_id: int, *, progress: Callable[[int, int], None] | None = None) -> list[list[list[float]]]:
+        """Per prompt and candidate title, its answer's token log-probs (scoring.py), in input order."""
+        if len(prompts) != len(candidates):
+            raise ValueError(f"{len(prompts)} prompts but {len(candidates)} candidate lists")
+        return self._map([(p, list(c)) for p, c in zip(prompts, candidates, strict=True)], adapter_dir, round_id,
+                         Scoring(), progress)
+
+    def _map(self, items: list, adapter_dir: str | Path | None, round_id: int, work: Decoding | Scoring,
+             progress: Callable[[int, int], None] | None) -> list:
+        if self._broken is not None:
+            raise GenerationError(f"this pool failed earlier ({self._broken!r}); shut it down and start a new one")
         key = self._adapter_key(adapter_dir, round_id)
         adapter_id = self._key_ids.setdefault(key, len(self._key_ids) + 1)
-        stats = RoundStats(round_id, adapter_id, prompts=len(prompts))
+        stats = RoundStats(round_id, adapter_id, prompts=len(items))
         size = self.cfg.shard_size
-        bounds = [(s, min(s + size, len(prompts))) for s in range(0, len(prompts), size)]
+        bounds = [(s, min(s + size, len(items))) for s in range(0, len(items), size)]
         stats.shards = len(bounds)
         try:
-            results = self._run(list(prompts), bounds, key, adapter_id, dec, stats, progress)
+            results = self._run(items, bounds, key, adapter_id, work, stats, progress)
         except BaseException as err:
             self._broken = err
             raise
-        out = [texts for r in results for texts in r.texts]
-        stats.completions = sum(len(t) for t in out)
+        out = [o for r in results for o in r.outputs]
+        stats.completions = sum(len(o) for o in out)
         self.last_stats = stats
-        log.info("round %d: %d prompts in %.1fs (%.1f prompts/s, %.0f tok/s), %d shards, %d re-queued, %d replaced",
-                 round_id, stats.prompts, stats.wall_s, stats.prompts_per_s, stats.tokens_per_s, stats.shards,
+        what = "scored" if isinstance(work, Scoring) else "generated"
+        log.info("round %d: %d prompts %s in %.1fs (%.1f prompts/s, %.0f tok/s), %d shards, %d re-queued, %d replaced",
+                 round_id, stats.prompts, what, stats.wall_s, stats.prompts_per_s, stats.tokens_per_s, stats.shards,
                  stats.requeued, stats.replaced)
         return out
 
-    def _run(self, prompts: list[str], bounds: list[tuple[int, int]], key: tuple, adapter_id: int,
-             dec: Decoding, stats: RoundStats, progress: Callable[[int, int], None] | None) -> list[ShardResult]:
-        import ray
-        from ray.exceptions import GetTimeoutError, RayActorError, WorkerCrashedError
-
+    def _run(self, items: list, bounds: list[tuple[int, int]], key: tuple, adapter_id: int,
+             work: Decoding | Scoring, stats: RoundStats, progress: Callable[[int, int], None] | None) -> list[ShardResult]:
+        """The scheduling loop: switch idle engines to the adapter, dispatch shards to ready ones,
+        collect whatever finishes first (or fail what missed its deadline), until every shard is back."""
         cfg = self.cfg
         start = time.perf_counter()
-        adapter_dir, round_id = key[1], key[0]
+        round_id = key[0]
+        prompts = [i[0] for i in items] if isinstance(work, Scoring) else items
         probe_prompts = prompts[: cfg.probe_size] if cfg.verify_adapter else []
         queue: deque[int] = deque(range(len(bounds)))
         results: list[ShardResult | None] = [None] * len(bounds)
         done = 0
         warming = True  # at round start, wait until every running engine switched: an even first split
         while done < len(bounds):
-            for slot in self._slots:  # engines up but on another adapter: switch and probe them
-                if slot.state == "idle" or (slot.state == "ready" and slot.key != key and slot.inflight == 0):
-                    slot.state = "switching"
-                    ref = slot.actor.switch.remote(adapter_dir, adapter_id, probe_prompts)
-                    self._pending[ref] = _Task("switch", slot.index, time.monotonic() + cfg.request_timeout_s,
-                                               key=key)
+            self._switch(key, adapter_id, probe_prompts)
             if warming and not any(s.state == "switching" for s in self._slots):
                 warming = False
                 stats.switch_s = time.perf_counter() - start
             if not warming:
-                self._dispatch(queue, bounds, prompts, key, adapter_id, dec)
+                self._dispatch(queue, bounds, items, key, adapter_id, work)
             if not self._pending:
                 raise GenerationError(f"round {round_id}: no generation actor left (all died; "
                                       f"{self._restarts} restarts used), {len(bounds) - done} shards undone")
-            now = time.monotonic()
-            wait_s = max(0.0, min(t.deadline for t in self._pending.values()) - now)
-            # short slices: a blocked ray.wait does not see Ctrl-C; deadlines are checked on every pass
-            ready, _ = ray.wait(list(self._pending), num_returns=1, timeout=min(wait_s, 2.0))
-            if not ready:
-                for ref, task in list(self._pending.items()):
-                    if ref in self._pending and task.deadline <= time.monotonic():
-                        self._fail(self._slots[task.slot], f"{task.kind} timed out", queue, stats)
+            finished = self._collect(queue, stats, round_id)
+            if finished is None:
                 continue
-            ref = ready[0]
-            task = self._pending.pop(ref)
-            slot = self._slots[task.slot]
-            try:
-                value = ray.get(ref, timeout=cfg.request_timeout_s)
-            except (RayActorError, WorkerCrashedError, GetTimeoutError) as err:
-                self._fail(slot, f"{task.kind}: {type(err).__name__}: {err}", queue, stats, failed=task)
-                continue
-            except Exception as err:  # the engine raised: deterministic, retrying elsewhere would too
-                what = f"shard {task.shard}" if task.kind == "shard" else task.kind
-                raise GenerationError(f"round {round_id}: {what} failed on generation actor {slot.index}: {err}") from err
+            task, slot, value = finished
             if task.kind == "start":
-                slot.pid, slot.state = value, "idle"
+                (slot.pid, cpu), slot.state = value, "idle"
+                log.info("generation actor %d (pid %d) started: %s", slot.index, slot.pid, cpu)
             elif task.kind == "switch":
                 diff = self._verify(task.key, value, slot)
                 if not math.isnan(diff):
@@ -367,25 +372,58 @@ class GenerationPool:
                 slot.state, slot.key = "ready", task.key
             else:
                 slot.inflight -= 1
-                self._accept(value, task, round_id, adapter_id, dec.n, bounds, results, stats)
+                self._accept(value, task, round_id, adapter_id, items, work, bounds, results, stats)
                 done += 1
-                self._log_progress(round_id, results, len(prompts), start + stats.switch_s)
+                self._log_progress(round_id, results, len(items), start + stats.switch_s)
                 if progress is not None:
                     progress(done, len(bounds))
         stats.wall_s = time.perf_counter() - start
         return results  # type: ignore[return-value]
 
+    def _switch(self, key: tuple, adapter_id: int, probe_prompts: list[str]) -> None:
+        """Engines that are up but on another adapter (and idle) switch to this one and run the probe."""
+        for slot in self._slots:
+            if slot.state == "idle" or (slot.state == "ready" and slot.key != key and slot.inflight == 0):
+                slot.state = "switching"
+                ref = slot.actor.switch.remote(key[1], adapter_id, probe_prompts)
+                self._pending[ref] = _Task("switch", slot.index, time.monotonic() + self.cfg.request_timeout_s, key=key)
+
+    def _collect(self, queue: deque[int], stats: RoundStats, round_id: int) -> tuple[_Task, _Slot, Any] | None:
+        """The first finished task and its value; None when nothing finished within a short slice, or
+        what finished had lost its actor (failed, its shards re-queued)."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError, WorkerCrashedError
+
+        wait_s = max(0.0, min(t.deadline for t in self._pending.values()) - time.monotonic())
+        # short slices: a blocked ray.wait does not see Ctrl-C; deadlines are checked on every pass
+        ready, _ = ray.wait(list(self._pending), num_returns=1, timeout=min(wait_s, 2.0))
+        if not ready:
+            for ref, task in list(self._pending.items()):
+                if ref in self._pending and task.deadline <= time.monotonic():
+                    self._fail(self._slots[task.slot], f"{task.kind} timed out", queue, stats)
+            return None
+        task = self._pending.pop(ready[0])
+        slot = self._slots[task.slot]
+        try:
+            return task, slot, ray.get(ready[0], timeout=self.cfg.request_timeout_s)
+        except (RayActorError, WorkerCrashedError, GetTimeoutError) as err:
+            self._fail(slot, f"{task.kind}: {type(err).__name__}: {err}", queue, stats, failed=task)
+            return None
+        except Exception as err:  # the engine raised: deterministic, retrying elsewhere would too
+            what = f"shard {task.shard}" if task.kind == "shard" else task.kind
+            raise GenerationError(f"round {round_id}: {what} failed on generation actor {slot.index}: {err}") from err
+
     @staticmethod
     def _log_progress(round_id: int, results: list[ShardResult | None], total: int, gen_start: float) -> None:
         """'prompts done / total, rate, ETA' after every shard: a CPU round takes minutes."""
-        prompts_done = sum(len(r.texts) for r in results if r is not None)
+        prompts_done = sum(len(r.outputs) for r in results if r is not None)
         elapsed = max(time.perf_counter() - gen_start, 1e-9)
         rate = prompts_done / elapsed
         eta = (total - prompts_done) / rate if rate > 0 else float("nan")
         log.info("round %d: %d/%d prompts, %.2f prompts/s, ETA %.0fs", round_id, prompts_done, total, rate, eta)
 
-    def _dispatch(self, queue: deque[int], bounds: list[tuple[int, int]], prompts: list[str], key: tuple,
-                  adapter_id: int, dec: Decoding) -> None:
+    def _dispatch(self, queue: deque[int], bounds: list[tuple[int, int]], items: list, key: tuple,
+                  adapter_id: int, work: Decoding | Scoring) -> None:
         cfg = self.cfg
         while queue:
             ready = [s for s in self._slots if s.state == "ready" and s.key == key
@@ -396,22 +434,25 @@ class GenerationPool:
             shard = queue.popleft()
             lo, hi = bounds[shard]
             slot.inflight += 1
-            ref = slot.actor.generate_shard.remote(shard, key[0], key[1], adapter_id, prompts[lo:hi],
-                                                   shard_seed(self.seed, key[0], shard), dec)
+            ref = slot.actor.run_shard.remote(shard, key[0], key[1], adapter_id, items[lo:hi],
+                                              shard_seed(self.seed, key[0], shard), work)
             # a queued shard waits behind the ones before it on the same actor
             deadline = time.monotonic() + cfg.request_timeout_s * slot.inflight
             self._pending[ref] = _Task("shard", slot.index, deadline, shard=shard, key=key)
 
-    def _accept(self, value: ShardResult, task: _Task, round_id: int, adapter_id: int, n: int,
-                bounds: list[tuple[int, int]], results: list[ShardResult | None], stats: RoundStats) -> None:
+    def _accept(self, value: ShardResult, task: _Task, round_id: int, adapter_id: int, items: list,
+                work: Decoding | Scoring, bounds: list[tuple[int, int]], results: list[ShardResult | None],
+                stats: RoundStats) -> None:
         lo, hi = bounds[task.shard]
         if (value.round_id, value.adapter_id, value.shard) != (round_id, adapter_id, task.shard):
             raise GenerationError(f"stale result: shard {task.shard} came back tagged round {value.round_id}, "
                                   f"adapter {value.adapter_id}, shard {value.shard}; expected round {round_id}, "
                                   f"adapter {adapter_id}")
-        if len(value.texts) != hi - lo or any(len(t) != n for t in value.texts):
-            raise GenerationError(f"shard {task.shard}: expected {hi - lo} prompts x {n} completions, got "
-                                  f"{[len(t) for t in value.texts]}")
+        # n completions per prompt, or one score per candidate
+        expected = [len(c) for _, c in items[lo:hi]] if isinstance(work, Scoring) else [work.n] * (hi - lo)
+        if [len(o) for o in value.outputs] != expected:
+            raise GenerationError(f"shard {task.shard}: expected {expected} outputs per item, got "
+                                  f"{[len(o) for o in value.outputs]}")
         results[task.shard] = value
         stats.gen_tokens += value.num_tokens
         stats.shards_per_actor[task.slot] = stats.shards_per_actor.get(task.slot, 0) + 1

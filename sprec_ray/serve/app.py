@@ -1,13 +1,17 @@
-"""Ray Serve application: `POST /recommend` and `GET /healthz` over a finished run's model.
+"""Ray Serve application: `POST /recommend`, `POST /rank` and `GET /healthz` over a finished run's model.
 
 Two ways in:
 * `serve_run(run_dir, overrides)`: what `sprec-ray serve --run DIR` calls (starts/attaches to Ray).
 * `build_app({"run_dir": ..., "overrides": [...]})`: the import path for Serve config files
   (`serve run cluster/serve_config.yaml`, KubeRay's RayService serveConfigV2).
 
-Requests are validated in the replica's event loop (a bad request never joins a batch, so it cannot
-fail anyone else's), then batched with `@serve.batch`; a batch runs off the event loop in one
-generate + one ground call. Replicas autoscale between serve.min_replicas and serve.max_replicas.
+Two deployments. `Gateway` (the HTTP ingress, no model) validates each request in its event loop, so
+a bad request never reaches a model or joins a batch, and calls `Recommender`, the replicas that hold
+the engines, through a handle. Both endpoints are pure functions of the request, so when a replica
+dies holding one the gateway sends it once more, to a live replica; with none up within
+serve.retry_timeout_s the client gets 503 + Retry-After, never a 500. Replicas batch requests with
+`@serve.batch`, run a batch off the event loop in one generate (+ ground) or one scoring call, and
+autoscale between serve.min_replicas and serve.max_replicas.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import logging
 import signal
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +29,32 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
 
 from ..config import ConfigError
 from ..runtime import worker_env
-from .recommender import Recommender, RunInfo, load_run, serving_generation
-from .schema import MAX_BODY_BYTES, RecommendRequest, RequestError, check_body_size, parse_request
+from .recommender import Prompts, Recommender, RunInfo, load_run, serving_generation
+from .schema import (
+    MAX_BODY_BYTES,
+    RankRequest,
+    RecommendRequest,
+    RequestError,
+    check_body_size,
+    parse_rank_request,
+    parse_request,
+)
 
 log = logging.getLogger("sprec_ray.serve")
 APP_NAME = "sprec"
 BUILD_ARGS = ("run_dir", "overrides")
 QUEUED_BATCHES = 8  # per replica; see deployment_options
+RETRY_AFTER_S = 10  # what a 503 tells the client: about a CPU replica's restart
 
 api = FastAPI(title="sprec-ray recommender")
+
+
+class ReplicasUnavailable(Exception):
+    """No model replica answered a request that was retried after its replica died."""
 
 
 async def _read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
@@ -51,42 +70,92 @@ async def _read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
 
 
 @serve.deployment(name="Recommender")
-@serve.ingress(api)
-class RecommendService:
+class RecommenderReplica:
+    """One engine + grounder; batches /recommend and /rank requests separately."""
+
     def __init__(self, run_dir: str, overrides: Sequence[str] = ()) -> None:
         logging.basicConfig(level=logging.INFO)
         run = load_run(run_dir, overrides)
         self.core = Recommender(run)
-        self.max_history = run.cfg.serve.max_history
-        self.max_k = run.cfg.serve.max_k
-        self.recommend_batch.set_max_batch_size(run.cfg.serve.max_batch_size)
-        self.recommend_batch.set_batch_wait_timeout_s(run.cfg.serve.batch_wait_timeout_s)
+        # One thread runs the engine: a /recommend and a /rank batch must not switch or use it at once.
+        self.engine_thread = ThreadPoolExecutor(1, thread_name_prefix="engine")
+        for batched in (self.recommend, self.rank):
+            batched.set_max_batch_size(run.cfg.serve.max_batch_size)
+            batched.set_batch_wait_timeout_s(run.cfg.serve.batch_wait_timeout_s)
+
+    # Generation blocks for tens of ms or more: keep the event loop free for health checks.
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # real values set from cfg.serve in __init__
+    async def recommend(self, reqs: list[RecommendRequest]) -> list[dict[str, Any]]:
+        return await asyncio.get_running_loop().run_in_executor(self.engine_thread, self.core.recommend, reqs)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def rank(self, reqs: list[RankRequest]) -> list[dict[str, Any]]:
+        return await asyncio.get_running_loop().run_in_executor(self.engine_thread, self.core.rank, reqs)
+
+
+@serve.deployment(name="Gateway", max_ongoing_requests=1000)
+@serve.ingress(api)
+class Gateway:
+    def __init__(self, run_dir: str, overrides: Sequence[str], model: DeploymentHandle) -> None:
+        logging.basicConfig(level=logging.INFO)
+        self.run = load_run(run_dir, overrides)
+        self.prompts = Prompts(self.run)
+        self.model = model
         self.started = time.time()
 
     @api.get("/healthz")
     def healthz(self) -> dict[str, Any]:
-        return {"status": "ok", "round": self.core.run.round, "items": len(self.core.catalogue),
-                "backend": self.core.gen_cfg.backend, "adapter": self.core.adapter_dir is not None,
-                "uptime_s": round(time.time() - self.started, 1)}
+        return {"status": "ok", "round": self.run.round, "items": len(self.prompts.catalogue),
+                "task": self.run.cfg.data.task, "backend": self.prompts.gen_cfg.backend,
+                "adapter": self.run.adapter is not None, "uptime_s": round(time.time() - self.started, 1)}
 
     @api.post("/recommend")
     async def recommend(self, request: Request) -> JSONResponse:
+        s = self.run.cfg.serve
+        return await self._answer(request, "recommend", lambda body: parse_request(
+            body, self.prompts.catalogue, s.max_history, s.max_k), self.prompts.check_recommend)
+
+    @api.post("/rank")
+    async def rank(self, request: Request) -> JSONResponse:
+        s = self.run.cfg.serve
+        return await self._answer(request, "rank", lambda body: parse_rank_request(
+            body, self.prompts.catalogue, s.max_history, s.max_candidates), self.prompts.check_rank)
+
+    async def _answer(self, request: Request, method: str, parse, check) -> JSONResponse:
         try:
-            body = await _read_body(request)
-            req = parse_request(body, self.core.catalogue, self.max_history, self.max_k)
-            self.core.check_prompt(self.core.prompt(req))
-            return JSONResponse(await self.recommend_batch(req))
+            req = parse(await _read_body(request))
+            check(req)
+            return JSONResponse(await self._call(method, req))
         except RequestError as err:
             return JSONResponse(err.to_json(), status_code=err.status)
+        except ReplicasUnavailable as err:
+            return JSONResponse({"error": str(err)}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
         except Exception:
             # The trace goes to the replica log, never to the client.
-            log.exception("recommend failed")
-            return JSONResponse({"error": "internal error while recommending; see the server log"}, status_code=500)
+            log.exception("%s failed", method)
+            return JSONResponse({"error": f"internal error in /{method}; see the server log"}, status_code=500)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # real values set from cfg.serve in __init__
-    async def recommend_batch(self, reqs: list[RecommendRequest]) -> list[dict[str, Any]]:
-        # Generation blocks for tens of ms or more: keep the event loop free for health checks and parsing.
-        return await asyncio.get_running_loop().run_in_executor(None, self.core.recommend, reqs)
+    async def _call(self, method: str, req: RecommendRequest | RankRequest) -> dict[str, Any]:
+        """The model's answer; sent once more when the replica holding it died (the router drops a
+        dead replica, so the retry goes to a live one, or waits for a new one)."""
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        try:
+            return await getattr(self.model, method).remote(req)
+        except (RayActorError, ActorUnavailableError) as err:
+            log.warning("/%s: its replica was lost (%s); sending it once more", method, type(err).__name__)
+        retry = getattr(self.model, method).remote(req)
+
+        async def answer() -> dict[str, Any]:
+            return await retry
+
+        try:
+            return await asyncio.wait_for(answer(), self.run.cfg.serve.retry_timeout_s)
+        except (TimeoutError, RayActorError, ActorUnavailableError) as err:
+            retry.cancel()
+            raise ReplicasUnavailable(f"no recommender replica answered within serve.retry_timeout_s="
+                                      f"{self.run.cfg.serve.retry_timeout_s}s after its replica was lost "
+                                      f"({type(err).__name__}); retry later") from None
 
 
 def deployment_options(run: RunInfo) -> dict[str, Any]:
@@ -124,7 +193,10 @@ def build_app(args: dict[str, Any]) -> Application:
         raise ConfigError(f"build_app 'overrides' must be a list of 'section.key=value' strings, got {overrides!r}")
     # Load (and so validate) the run here, at deploy time, so a bad run dir fails before any replica starts.
     run = load_run(args["run_dir"], overrides)
-    return RecommendService.options(**deployment_options(run)).bind(str(run.run_dir), list(overrides))
+    model = RecommenderReplica.options(**deployment_options(run)).bind(str(run.run_dir), list(overrides))
+    # The gateway holds no model: no CPU of its own, only the replicas' HF settings to read the tokenizer.
+    gateway = Gateway.options(ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": worker_env()}})
+    return gateway.bind(str(run.run_dir), list(overrides), model)
 
 
 def serve_run(run_dir: str | Path, cfg_overrides: Sequence[str] = (), block: bool = True) -> str:
@@ -140,10 +212,11 @@ def serve_run(run_dir: str | Path, cfg_overrides: Sequence[str] = (), block: boo
     try:
         serve.run(build_app({"run_dir": str(run.run_dir), "overrides": list(cfg_overrides)}),
                   name=APP_NAME, route_prefix="/")
-        log.info("serving %s at %s (POST /recommend, GET /healthz)", run.run_dir, url)
+        log.info("serving %s at %s (POST /recommend, POST /rank, GET /healthz)", run.run_dir, url)
         if not block:
             return url
-        print(f"serving {run.run_dir} at {url}  (POST /recommend, GET /healthz); Ctrl-C to stop", flush=True)
+        print(f"serving {run.run_dir} at {url}  (POST /recommend, POST /rank, GET /healthz); Ctrl-C to stop",
+              flush=True)
         while True:
             # Short sleeps: a Ctrl-C the kernel hands to one of Ray's threads only raises
             # KeyboardInterrupt here once the main thread wakes up.

@@ -1,8 +1,11 @@
 """The model side of the endpoint: a finished run's model + catalogue -> ranked catalogue items.
 
-No Ray and no HTTP here, so a replica is a thin shell around `Recommender.recommend`:
-history ids -> `render_prompt` -> generate (greedy, or n beams/samples) -> `parse_response` ->
-`Grounder.ground` against the catalogue (history excluded on request) -> one ranked list.
+No Ray and no HTTP here, so a replica is a thin shell around `Recommender`:
+* `recommend`: history ids -> `render_prompt` -> generate (greedy, or n beams/samples) ->
+  `parse_response` -> `Grounder.ground` against the catalogue (history excluded on request) -> one list;
+* `rank`: history + the client's candidates -> the run's own prompt (the candidate prompt in a
+  candidate-task run) -> log p('"Title"' + EOS) of every candidate (generate/scoring.py) -> sorted.
+`Prompts` renders and length-checks requests; the gateway uses it alone, without loading the model.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ import numpy as np
 from ..artefacts import in_run, load_grounder, read_catalogue
 from ..config import GenerationConfig, RunConfig, load_config
 from ..data.catalogue import Catalogue
-from ..data.prompts import parse_response, render_prompt
+from ..data.prompts import parse_response, render_candidate_prompt, render_prompt
+from ..eval.candidates import ranked
 from ..eval.grounding import normalise_title
 from ..generate.backends import resolve_backend
+from ..generate.scoring import answer_scores, candidate_rows, check_answer_lengths
 from ..models.base import model_dir
-from .schema import RecommendRequest, RequestError
+from .schema import RankRequest, RecommendRequest, RequestError
 
 log = logging.getLogger("sprec_ray.serve")
 
@@ -108,25 +113,68 @@ def load_catalogue(run: RunInfo) -> Catalogue:
         raise RunDirError(str(err)) from None
 
 
-class Recommender:
-    """Holds the generation backend, a tokenizer for length checks and the catalogue grounder."""
+class Prompts:
+    """Requests -> the run's prompts, and the checks that a prompt fits the model (client errors)."""
 
     def __init__(self, run: RunInfo, catalogue: Catalogue | None = None) -> None:
         from transformers import AutoTokenizer
 
+        cfg = run.cfg
+        self.catalogue = catalogue if catalogue is not None else load_catalogue(run)
+        self.task = cfg.data.task
+        self.item_noun = cfg.data.item_noun
+        # The model was trained on at most data.max_history items: prompt with the most recent ones.
+        self.prompt_history = cfg.data.max_history
+        self.gen_cfg = serving_generation(cfg.generation)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(run.base_model),
+                                                       trust_remote_code=cfg.model.trust_remote_code)
+
+    def _history(self, history: Sequence[int]) -> list[str]:
+        return [self.catalogue.titles[i] for i in history[-self.prompt_history:]]
+
+    def recommend(self, req: RecommendRequest) -> str:
+        if self.task == "candidates":
+            raise RequestError(409, "this run was trained on the candidate task (choose one of a listed set), so it "
+                                    "cannot name items from the whole catalogue: POST /rank with your candidates")
+        return render_prompt(self._history(req.history), self.item_noun)
+
+    def rank(self, req: RankRequest) -> str:
+        if self.task == "candidates":
+            return render_candidate_prompt(self._history(req.history), [self.catalogue.titles[c] for c in req.candidates],
+                                           self.item_noun)
+        return render_prompt(self._history(req.history), self.item_noun)
+
+    def check_recommend(self, req: RecommendRequest) -> None:
+        """A prompt that cannot fit next to its completion is the client's history, not a server fault."""
+        n = len(self.tokenizer(self.recommend(req))["input_ids"])
+        limit = self.gen_cfg.max_model_len - self.gen_cfg.max_new_tokens
+        if n > limit:
+            raise RequestError(422, f"the history renders to a {n}-token prompt; this model accepts at most "
+                                    f"{limit} (shorten the history or use shorter titles)", "history")
+
+    def check_rank(self, req: RankRequest) -> None:
+        rows = candidate_rows(self.tokenizer, [self.rank(req)], [[self.catalogue.titles[c] for c in req.candidates]])
+        try:
+            check_answer_lengths(rows, self.gen_cfg.max_model_len)
+        except ValueError as err:
+            raise RequestError(422, f"the request does not fit the model: {err} (send a shorter history, or fewer "
+                                    f"or shorter candidates)", "candidates") from None
+
+
+class Recommender:
+    """Holds the generation backend and the catalogue grounder."""
+
+    def __init__(self, run: RunInfo, catalogue: Catalogue | None = None) -> None:
         from ..generate.factory import make_backend
 
         cfg = run.cfg
         self.run = run
-        self.catalogue = catalogue if catalogue is not None else load_catalogue(run)
-        self.gen_cfg = serving_generation(cfg.generation)
-        self.item_noun = cfg.data.item_noun
-        # The model was trained on at most data.max_history items: prompt with the most recent ones.
-        self.prompt_history = cfg.data.max_history
+        self.prompts = Prompts(run, catalogue)
+        self.catalogue = self.prompts.catalogue
+        self.gen_cfg = self.prompts.gen_cfg
+        self.logprob_norm = cfg.eval.logprob_norm
         self.adapter_dir = str(run.adapter) if run.adapter is not None else None
         self.adapter_id = run.round + 1  # vLLM LoRA ids must be positive
-        self.tokenizer = AutoTokenizer.from_pretrained(str(run.base_model),
-                                                       trust_remote_code=cfg.model.trust_remote_code)
         self.backend = make_backend(self.gen_cfg, run.base_model, _adapter_rank(run.adapter, cfg.lora.r), cfg.seed)
         self.grounder = load_grounder(run.run_dir, self.catalogue, cfg.eval.embedder)
         # Fallback ranking for requests whose every generation is empty (nothing to ground).
@@ -134,21 +182,29 @@ class Recommender:
         log.info("serving %s round %d (%s backend, %d items)", run.run_dir, run.round, self.gen_cfg.backend,
                  len(self.catalogue))
 
-    def prompt(self, req: RecommendRequest) -> str:
-        titles = [self.catalogue.titles[i] for i in req.history[-self.prompt_history:]]
-        return render_prompt(titles, self.item_noun)
-
-    def check_prompt(self, prompt: str) -> None:
-        """A prompt that cannot fit next to its completion is the client's history, not a server fault."""
-        n = len(self.tokenizer(prompt)["input_ids"])
-        limit = self.gen_cfg.max_model_len - self.gen_cfg.max_new_tokens
-        if n > limit:
-            raise RequestError(422, f"the history renders to a {n}-token prompt; this model accepts at most "
-                                    f"{limit} (shorten the history or use shorter titles)", "history")
+    def rank(self, reqs: Sequence[RankRequest]) -> list[dict[str, Any]]:
+        """One response body per request: its candidates by descending log-prob, the top k; one scoring
+        call per batch."""
+        titles = self.catalogue.titles
+        token_lps = self.backend.candidate_logprobs([self.prompts.rank(r) for r in reqs],
+                                                    [[titles[c] for c in r.candidates] for r in reqs],
+                                                    self.adapter_dir, self.adapter_id)
+        out = []
+        for req, lps in zip(reqs, token_lps, strict=True):
+            scores = answer_scores(lps, self.logprob_norm)
+            order = ranked(scores)[: req.k]
+            out.append({
+                "items": [{**self._item(req.candidates[i], scores[i]), "logprob": round(float(sum(lps[i])), 6),
+                           "tokens": len(lps[i])} for i in order],
+                "scoring": f"logprob-{self.logprob_norm}",
+                "dropped": list(req.dropped),
+                "round": self.run.round,
+            })
+        return out
 
     def recommend(self, reqs: Sequence[RecommendRequest]) -> list[dict[str, Any]]:
         """One response body per request, same order; one generate and one ground call per batch."""
-        prompts = [self.prompt(r) for r in reqs]
+        prompts = [self.prompts.recommend(r) for r in reqs]
         generations = self.backend.generate(prompts, self.adapter_dir, self.adapter_id)
         parsed = [[parse_response(t, self.catalogue) for t in outs] for outs in generations]
         excluded = [sorted(set(r.history)) if r.exclude_history else [] for r in reqs]

@@ -1,4 +1,5 @@
-"""Validation of `POST /recommend` bodies: every bad request becomes a RequestError (4xx + message).
+"""Validation of `POST /recommend` and `POST /rank` bodies: every bad request becomes a RequestError
+(4xx + message).
 
 Kept free of Ray and HTTP so the rules are plain functions: the endpoint maps RequestError to a JSON
 response with its status code, and nothing a client sends can reach the model unchecked.
@@ -15,6 +16,7 @@ from ..data.catalogue import Catalogue
 MAX_BODY_BYTES = 64 * 1024  # a 50-item history of long titles is ~5 KiB; anything near this is abuse
 DEFAULT_K = 10
 ALLOWED_FIELDS = ("history", "k", "exclude_history")
+RANK_FIELDS = ("history", "candidates", "k", "drop_history")
 _MAX_NAMED = 10  # unknown items listed in one error message
 
 
@@ -41,6 +43,14 @@ class RecommendRequest:
     exclude_history: bool
 
 
+@dataclass(frozen=True)
+class RankRequest:
+    history: tuple[int, ...]  # catalogue item ids, oldest first
+    candidates: tuple[int, ...]  # distinct ids, in the client's order (the candidate prompt lists them so)
+    k: int  # how many ranked candidates to return (at most all of them)
+    dropped: tuple[int, ...] = ()  # candidates left out because they are in the history (drop_history)
+
+
 def check_body_size(content_length: str | None, body: bytes | None = None,
                     limit: int = MAX_BODY_BYTES) -> None:
     """413 before reading when the declared length is too big, and again on the bytes received."""
@@ -59,64 +69,104 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def parse_request(body: bytes, catalogue: Catalogue, max_history: int, max_k: int) -> RecommendRequest:
-    """JSON bytes -> RecommendRequest, or RequestError naming the field and what is wrong with it."""
+def _load_object(body: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
     try:
         raw = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise RequestError(400, f"body is not valid JSON: {err}") from None
     if not isinstance(raw, dict):
         raise RequestError(400, f"body must be a JSON object, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(ALLOWED_FIELDS))
+    unknown = sorted(set(raw) - set(allowed))
     if unknown:
-        raise RequestError(422, f"unknown field(s) {unknown}; allowed: {list(ALLOWED_FIELDS)}", unknown[0])
+        raise RequestError(422, f"unknown field(s) {unknown}; allowed: {list(allowed)}", unknown[0])
+    return raw
 
-    if "history" not in raw:
-        raise RequestError(422, "missing required field 'history' (a list of item ids or titles)", "history")
-    history = raw["history"]
-    if not isinstance(history, list):
-        raise RequestError(422, f"'history' must be a list of item ids or titles, got {type(history).__name__}",
-                           "history")
-    if not history:
-        raise RequestError(422, "'history' is empty; give at least one item id or title", "history")
-    if len(history) > max_history:
-        raise RequestError(422, f"'history' has {len(history)} items; the limit is {max_history}", "history")
-    ids = _resolve_items(history, catalogue)
 
-    k = raw.get("k", min(DEFAULT_K, max_k))
+def _items(raw: dict[str, Any], name: str, catalogue: Catalogue, limit: int) -> list[int]:
+    """A required, non-empty list of item ids or titles, at most `limit` long, as catalogue ids."""
+    if name not in raw:
+        raise RequestError(422, f"missing required field '{name}' (a list of item ids or titles)", name)
+    items = raw[name]
+    if not isinstance(items, list):
+        raise RequestError(422, f"'{name}' must be a list of item ids or titles, got {type(items).__name__}", name)
+    if not items:
+        raise RequestError(422, f"'{name}' is empty; give at least one item id or title", name)
+    if len(items) > limit:
+        raise RequestError(422, f"'{name}' has {len(items)} items; the limit is {limit}", name)
+    return _resolve_items(items, catalogue, name)
+
+
+def _bool(raw: dict[str, Any], name: str, default: bool) -> bool:
+    value = raw.get(name, default)
+    if not isinstance(value, bool):
+        raise RequestError(422, f"'{name}' must be true or false, got {json.dumps(value)}", name)
+    return value
+
+
+def _k(raw: dict[str, Any], default: int, max_k: int) -> int:
+    k = raw.get("k", default)
     if not _is_int(k):
         raise RequestError(422, f"'k' must be an integer, got {json.dumps(k)}", "k")
     if not 1 <= k <= max_k:
         raise RequestError(422, f"'k' = {k} is out of range; allowed 1..{max_k}", "k")
-
-    exclude = raw.get("exclude_history", True)
-    if not isinstance(exclude, bool):
-        raise RequestError(422, f"'exclude_history' must be true or false, got {json.dumps(exclude)}",
-                           "exclude_history")
-    return RecommendRequest(tuple(ids), k, exclude)
+    return k
 
 
-def _resolve_items(history: list[Any], catalogue: Catalogue) -> list[int]:
+def parse_request(body: bytes, catalogue: Catalogue, max_history: int, max_k: int) -> RecommendRequest:
+    """JSON bytes -> RecommendRequest, or RequestError naming the field and what is wrong with it."""
+    raw = _load_object(body, ALLOWED_FIELDS)
+    ids = _items(raw, "history", catalogue, max_history)
+    return RecommendRequest(tuple(ids), _k(raw, min(DEFAULT_K, max_k), max_k), _bool(raw, "exclude_history", True))
+
+
+def parse_rank_request(body: bytes, catalogue: Catalogue, max_history: int, max_candidates: int) -> RankRequest:
+    """JSON bytes -> RankRequest. Candidates must be distinct and outside the history, unless
+    `drop_history` is true, which leaves history items out of the ranking (and reports them)."""
+    raw = _load_object(body, RANK_FIELDS)
+    history = _items(raw, "history", catalogue, max_history)
+    candidates = _items(raw, "candidates", catalogue, max_candidates)
+    drop = _bool(raw, "drop_history", False)
+    first: dict[int, int] = {}
+    repeats = []
+    for pos, item in enumerate(candidates):
+        if item in first:
+            repeats.append(f"candidates[{pos}] repeats candidates[{first[item]}] (id {item})")
+        first.setdefault(item, pos)
+    if repeats:
+        raise RequestError(422, "duplicate candidates: " + "; ".join(repeats[:_MAX_NAMED]), "candidates")
+    seen = set(history)
+    in_history = [c for c in candidates if c in seen]
+    if in_history and not drop:
+        raise RequestError(422, f"candidate(s) {in_history[:_MAX_NAMED]} are in the history; remove them or send "
+                                f"\"drop_history\": true to leave them out of the ranking", "candidates")
+    kept = [c for c in candidates if c not in seen]
+    if not kept:
+        raise RequestError(422, "every candidate is in the history: nothing left to rank", "candidates")
+    return RankRequest(tuple(history), tuple(kept), _k(raw, min(DEFAULT_K, len(kept)), max_candidates),
+                       tuple(in_history))
+
+
+def _resolve_items(entries: list[Any], catalogue: Catalogue, name: str) -> list[int]:
     """Ints are item ids, strings exact titles; all unknown entries are named in one error."""
     ids: list[int] = []
     unknown: list[str] = []
-    for pos, entry in enumerate(history):
+    for pos, entry in enumerate(entries):
         if _is_int(entry):
             if 0 <= entry < len(catalogue):
                 ids.append(entry)
             else:
-                unknown.append(f"history[{pos}]: id {entry} (ids are 0..{len(catalogue) - 1})")
+                unknown.append(f"{name}[{pos}]: id {entry} (ids are 0..{len(catalogue) - 1})")
         elif isinstance(entry, str):
             item_id = catalogue.id_of(entry.strip())
             if item_id is None:
-                unknown.append(f"history[{pos}]: title {entry!r}")
+                unknown.append(f"{name}[{pos}]: title {entry!r}")
             else:
                 ids.append(item_id)
         else:
-            raise RequestError(422, f"history[{pos}] must be an item id (integer) or a title (string), "
-                                    f"got {json.dumps(entry)}", f"history[{pos}]")
+            raise RequestError(422, f"{name}[{pos}] must be an item id (integer) or a title (string), "
+                                    f"got {json.dumps(entry)}", f"{name}[{pos}]")
     if unknown:
         more = f" and {len(unknown) - _MAX_NAMED} more" if len(unknown) > _MAX_NAMED else ""
         raise RequestError(422, "unknown item(s) not in the catalogue: " + "; ".join(unknown[:_MAX_NAMED]) + more,
-                           "history")
+                           name)
     return ids
