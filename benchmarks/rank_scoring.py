@@ -41,7 +41,7 @@ def main() -> None:
     from sprec_ray.config import load_config
     from sprec_ray.data.candidates import candidates_of
     from sprec_ray.data.prompts import render_prompt
-    from sprec_ray.eval.candidates import rank_metrics
+    from sprec_ray.eval.candidates import rank_metrics, ranked
     from sprec_ray.generate.backends import Decoding
     from sprec_ray.generate.factory import make_backend
     from sprec_ray.generate.scoring import answer_scores, candidate_rows, candidate_token_logprobs
@@ -80,8 +80,7 @@ def main() -> None:
                 batch = candidate_rows(backend.tokenizer, prompts[i:i + 1], names[i:i + 1])
                 with torch.inference_mode():
                     lps = candidate_token_logprobs(backend.model, batch, pad, backend.model.dtype, what)[0]
-                sums = answer_scores(lps, "sum")
-                scored[what] = sorted(range(len(sums)), key=lambda j: -sums[j])
+                scored[what] = ranked(answer_scores(lps, "sum"))
             timing[what] += time.perf_counter() - t0
         same += scored["shared"] == scored["separate"]
         print(f"timing row {i + 1}/{args.timing_rows}: " + ", ".join(f"{k} {v / (i + 1):.2f}s" for k, v in timing.items()),

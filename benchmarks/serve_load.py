@@ -170,6 +170,7 @@ def scoring_layouts(run, n_items: int, max_history: int, candidates: int, reques
     each and as one row per candidate, alternating request by request (side by side)."""
     import torch
 
+    from sprec_ray.eval.candidates import ranked
     from sprec_ray.generate.factory import make_backend
     from sprec_ray.generate.scoring import candidate_rows, candidate_token_logprobs
     from sprec_ray.serve.recommender import Prompts, serving_generation
@@ -190,8 +191,7 @@ def scoring_layouts(run, n_items: int, max_history: int, candidates: int, reques
                 lps = candidate_token_logprobs(backend.model, rows, backend.tokenizer.pad_token_id,
                                                backend.model.dtype, layout)[0]
             times[layout] += time.perf_counter() - t0
-            sums = [sum(t) for t in lps]
-            ranks[layout] = sorted(range(len(sums)), key=lambda j: -sums[j])
+            ranks[layout] = ranked([sum(t) for t in lps])
         same += ranks["shared"] == ranks["separate"]
     backend.close()
     return {"candidates": candidates, "requests": requests, "shared_ms": round(1000 * times["shared"] / requests, 1),

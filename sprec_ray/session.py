@@ -68,7 +68,7 @@ class RunSession:
         metrics.update(timing)
         if self.cfg.eval.candidate_scoring == "logprob":
             start = time.perf_counter()
-            lists = [self.candidates(e) for e in rows]
+            lists = candidates or [self.candidates(e) for e in rows]
             titles = self.data.catalogue.titles
             token_lps = self.score(self.prompts(rows), [[titles[c] for c in cands] for cands in lists], adapter,
                                    adapter_id)

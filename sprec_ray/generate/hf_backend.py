@@ -155,14 +155,14 @@ class HFBackend(GenerationBackend):
                            adapter_dir: str | Path | None, adapter_id: int) -> list[list[list[float]]]:
         import torch
 
-        from ..train.shared_prefix import MASKABLE_ATTENTION
+        from ..train.shared_prefix import use_prefix_sharing
         from .scoring import candidate_rows, candidate_token_logprobs, check_answer_lengths
 
         rows = candidate_rows(self.tokenizer, prompts, candidates)
         check_answer_lengths(rows, self.cfg.max_model_len)
         self._activate(adapter_dir, adapter_id)
         # flash-attn cannot express "the prompt but not the sibling answer": one row per candidate there
-        shared = getattr(self.model.config, "_attn_implementation", "sdpa") in MASKABLE_ATTENTION
+        shared = use_prefix_sharing("auto", getattr(self.model.config, "_attn_implementation", "sdpa"))
         with torch.inference_mode():
             return candidate_token_logprobs(self.model, rows, self.tokenizer.pad_token_id, self.model.dtype,
                                             "shared" if shared else "separate")
