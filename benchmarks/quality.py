@@ -79,6 +79,25 @@ def table(groups: list[tuple[str, list[dict]]], keys: tuple[str, ...]) -> list[s
     return lines
 
 
+PAIRS = (("dpo_random", "sft_only"), ("sprec_generated", "sft_only"), ("sprec_generated", "dpo_random"),
+         ("sprec_grounded", "sprec_generated"), ("sprec_high_lr", "sprec_generated"),
+         ("sprec_high_lr", "dpo_random_high_lr"))
+
+
+def paired(runs: list[dict], keys: tuple[str, ...]) -> list[tuple[str, list[dict]]]:
+    """Per-seed differences (a - b) for the pairs both ran on the same seed: seeds share the rows
+    sampled per round, so a paired difference is less noisy than the difference of two means."""
+    by = {(r["seed"], r["variant"]): r["final"] for r in runs}
+    groups = []
+    for a, b in PAIRS:
+        seeds = sorted(s for s, v in by if v == a and (s, b) in by)
+        diffs = [{k: None if by[s, a].get(k) is None or by[s, b].get(k) is None else by[s, a][k] - by[s, b][k]
+                  for k in keys} for s in seeds]
+        if diffs:
+            groups.append((f"{a} - {b}", diffs))
+    return groups
+
+
 def plot(groups: list[tuple[str, list[dict]]], keys: tuple[str, ...], path: Path) -> None:
     """One panel per metric: every seed as a dot, the mean ± sd as a bar."""
     import matplotlib
@@ -149,8 +168,12 @@ def report(args: argparse.Namespace, warm_start: Path) -> str:
                   for v in order for n in rounds]
     neg_groups = [(label, found) for label, found in neg_groups if found]
     per_seed = "\n\n".join(f"### seed {s}\n\n" + "\n".join(table(
-        [("SFT warm start", [warm_row])] + [(r["variant"], [r["final"]]) for r in runs if r["seed"] == s], KEYS))
-        for s in seeds)
+        [("SFT warm start", [warm_row])] + [(v, [r["final"] for r in runs if r["seed"] == s and r["variant"] == v])
+                                            for v in order if any(r["seed"] == s and r["variant"] == v for r in runs)],
+        KEYS)) for s in seeds)
+    dpo_keys = ("final_chosen_logratio", "final_rejected_logratio", "final_loss")
+    dpo_groups = [(f"{v} {n.split('_')[0]}", [r["dpo"][n] for r in runs if r["variant"] == v and n in r["dpo"]])
+                  for v in order for n in sorted({n for r in runs for n in r["dpo"]})]
     first = runs[0]
     header = (f"Seeds {seeds}; every run from the shipped warm start ({warm_start.relative_to(REPO)}, "
               f"{warm['training']['steps']:.0f} SFT steps on the whole train split); "
@@ -158,7 +181,11 @@ def report(args: argparse.Namespace, warm_start: Path) -> str:
               f"{warm_row['n_rows']:.0f} validation rows. "
               f"Machine: {first['machine']}. Run time {sum(r['seconds'] for r in runs) / 3600:.1f} h over {len(runs)} runs.")
     text = (f"{header}\n\n## Final round, mean ± sd over seeds\n\n" + "\n".join(table(groups, KEYS))
+            + "\n\n## Paired differences, same seed (mean ± sd over the seeds both arms ran)\n\n"
+            + "\n".join(table(paired(runs, KEYS[:-1]), KEYS[:-1]))
             + "\n\n## Negatives per round\n\n" + "\n".join(table(neg_groups, NEGATIVE_KEYS))
+            + "\n\n## DPO stages: log-ratios against the reference at the last step (nats per response)\n\n"
+            + "\n".join(table([(label, found) for label, found in dpo_groups if found], dpo_keys))
             + f"\n\n## Per seed\n\n{per_seed}\n")
     (RESULTS / "quality.md").write_text(text)
     (RESULTS / "quality.json").write_text(json.dumps({
