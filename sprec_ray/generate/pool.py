@@ -10,6 +10,8 @@ Faults: an actor that dies, or does not answer within `cfg.request_timeout_s`, i
 shards go back to the front of the queue, and a replacement actor is started (at most
 `cfg.max_actor_restarts` per pool; after that the dead slot is dropped). A round fails only when no
 actor is left or a shard raises an error of its own (a bad prompt fails the same way anywhere).
+Ray's own actor restarts and task retries are off: they would restart a crashed actor but not a
+hung one, re-run a shard on an actor that has lost its adapter, and budget restarts per actor.
 
 Adapters: a round's adapter gets a fresh LoRA id whenever its (round, dir, file contents) change, and
 each actor that switches to it must pass the probe check (adapter_check.py) before it gets a shard.

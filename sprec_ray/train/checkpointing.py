@@ -2,15 +2,16 @@
 
 Layout of one Ray Train checkpoint (per-rank directories are merged by Ray in run storage):
 
-    adapter/              PEFT save_pretrained of the current stage's LoRA (rank 0; fp32, gathered from ZeRO)
     trainer_state.json    current stage, its step and per-step history, the finished stages' histories (rank 0)
-    engine/               optimizer state: DeepSpeed save_checkpoint (every rank writes its ZeRO
-                          partition, no module weights) or torch optimizer.pt (rank 0, identical on all DDP ranks)
-    stages/<name>/        the final adapter of every earlier stage finished so far (rank 0); a finished
-                          current stage's adapter is adapter/ itself, never a second copy
+    engine/               mid-stage only: the LoRA weights and their optimizer state. DeepSpeed save_checkpoint
+                          (every rank writes its ZeRO partition of the fp32 weights and Adam moments, no module
+                          weights) or the torch engine's optimizer.pt and lora.safetensors (rank 0)
+    adapter/              a finished stage only: PEFT save_pretrained of its final LoRA (rank 0). The next
+                          stage starts fresh Adam moments, so a finished stage needs no optimizer state
+    stages/<name>/        the final adapter of every earlier stage finished so far (rank 0)
 
-Only trainable parameters are saved; frozen base weights come from the base checkpoint on restore.
-A fit's last checkpoint therefore holds every stage's adapter: the driver exports them from it.
+Only trainable parameters are saved, once each: frozen base weights come from the base checkpoint
+on restore. A fit's last checkpoint holds every stage's adapter: the driver exports them from it.
 """
 
 from __future__ import annotations
@@ -68,9 +69,11 @@ def write_checkpoint(engine: TrainEngine, state: TrainerState, rank: int, stagin
     """Write this rank's part of a checkpoint into a fresh directory under `staging`."""
     staging.mkdir(parents=True, exist_ok=True)
     directory = Path(tempfile.mkdtemp(prefix=f"{state.name}-step{state.step:06d}-rank{rank}-", dir=staging))
-    (directory / ENGINE_DIR).mkdir()
-    engine.save_state(directory / ENGINE_DIR, rank)
-    save_adapter(engine, directory / ADAPTER_DIR, rank)
+    if state.done:
+        save_adapter(engine, directory / ADAPTER_DIR, rank)
+    else:
+        (directory / ENGINE_DIR).mkdir()
+        engine.save_state(directory / ENGINE_DIR, rank)
     if rank == 0:
         if state.done:  # the stage's final adapter joins the finished ones, in this and every later checkpoint
             finished[state.name] = read_adapter_files(directory / ADAPTER_DIR)
@@ -104,9 +107,9 @@ def _stage_dir(directory: Path, state: TrainerState, stage: str) -> Path:
 
 
 def load_engine_state(checkpoint: Any, engine: TrainEngine) -> None:
-    """LoRA weights and optimizer state of the checkpoint's current stage."""
+    """LoRA weights and optimizer state of the checkpoint's current, unfinished stage."""
     with checkpoint.as_directory() as raw:
-        engine.load_state(Path(raw) / ENGINE_DIR, Path(raw) / ADAPTER_DIR)
+        engine.load_state(Path(raw) / ENGINE_DIR)
 
 
 def export_adapter(checkpoint: Any, out_dir: Path, stage: str) -> Path:

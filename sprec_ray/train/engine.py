@@ -125,9 +125,10 @@ class TrainEngine:
         raise NotImplementedError
 
     def save_state(self, directory: Path, rank: int) -> None:
+        """LoRA weights and optimizer state, once each. Collective under DeepSpeed."""
         raise NotImplementedError
 
-    def load_state(self, directory: Path, adapter_dir: Path) -> None:
+    def load_state(self, directory: Path) -> None:
         raise NotImplementedError
 
     def load_adapter_weights(self, adapter_dir: Path) -> None:
@@ -149,7 +150,7 @@ class DeepSpeedTrainEngine(TrainEngine):
                                                                  config=config, dist_init_required=False)
         # DeepSpeed's exclude_frozen_parameters filters by named_parameters(), which skips a tied LM
         # head: every checkpoint carried the frozen embedding (123 MB for SmolLM2). The LoRA weights
-        # travel in the checkpoint's adapter/ and in ZeRO's fp32 partitions, so the module needs none.
+        # travel in ZeRO's fp32 partitions, so the module needs none.
         self.engine.module_state_dict = lambda *args, **kwargs: {}
         self._grad_norm = 0.0
 
@@ -187,12 +188,12 @@ class DeepSpeedTrainEngine(TrainEngine):
         # Frozen base weights are rebuilt from the base checkpoint; only ZeRO's optimizer partitions are saved.
         self.engine.save_checkpoint(str(directory), tag="state", save_latest=False, exclude_frozen_parameters=True)
 
-    def load_state(self, directory: Path, adapter_dir: Path) -> None:
-        self.load_adapter_weights(adapter_dir)  # then ZeRO restores the same values from its fp32 partitions
+    def load_state(self, directory: Path) -> None:
         path, _ = self.engine.load_checkpoint(str(directory), tag="state", load_module_strict=False,
                                               load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the trainer state from {directory}")
+        _set_trainable(self.peft_model, self.lora_state_dict())  # the module's copy from ZeRO's fp32 master
 
 
 class TorchTrainEngine(TrainEngine):
@@ -232,13 +233,37 @@ class TorchTrainEngine(TrainEngine):
         return {n: p.detach().float().cpu().clone() for n, p in trainable_parameters(self.peft_model)}
 
     def save_state(self, directory: Path, rank: int) -> None:
-        if rank == 0:  # DDP keeps identical optimizer state on every rank
+        from safetensors.torch import save_file
+
+        if rank == 0:  # DDP keeps identical weights and optimizer state on every rank
             directory.mkdir(parents=True, exist_ok=True)
             torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+            save_file(self.lora_state_dict(), str(directory / "lora.safetensors"))
 
-    def load_state(self, directory: Path, adapter_dir: Path) -> None:
-        _load_adapter_into(self.peft_model, adapter_dir)
+    def load_state(self, directory: Path) -> None:
+        from safetensors.torch import load_file
+
+        _set_trainable(self.peft_model, load_file(str(directory / "lora.safetensors")))
         self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True))
+
+
+def _set_trainable(model: Any, weights: dict[str, torch.Tensor]) -> None:
+    """Set every trainable tensor from full tensors keyed like `named_parameters`; collective under ZeRO-3."""
+    params = dict(trainable_parameters(model))
+    if weights.keys() != params.keys():
+        raise RuntimeError(f"checkpoint holds {len(weights)} trainable tensors, the model {len(params)}")
+    with _writable(list(params.values())), torch.no_grad():
+        for name, param in params.items():
+            param.data.copy_(weights[name])
+
+
+def _writable(params: list[torch.nn.Parameter]) -> contextlib.AbstractContextManager[Any]:
+    """Whole tensors to write into. ZeRO-3 partitions each one: gather, let rank 0 write, re-scatter."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
 def _load_adapter_into(model: Any, adapter_dir: Path) -> None:
@@ -246,13 +271,7 @@ def _load_adapter_into(model: Any, adapter_dir: Path) -> None:
     from safetensors.torch import load_file
 
     weights = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
-    params = [p for _, p in trainable_parameters(model)]
-    gather = contextlib.nullcontext()
-    if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3 partitioned: gather, rank 0 writes, re-scatter
-        import deepspeed
-
-        gather = deepspeed.zero.GatheredParameters(params, modifier_rank=0)
-    with gather:
+    with _writable([p for _, p in trainable_parameters(model)]):
         result = set_peft_model_state_dict(model, weights)
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing:

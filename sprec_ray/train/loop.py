@@ -197,10 +197,8 @@ def train_loop(config: dict[str, Any]) -> None:
     first = 0
     if restored is not None:
         first = names.index(restored.name) + int(restored.done)
-        if restored.done:  # the weights a finished stage ended with; its optimizer moments are reset below
-            load_engine_state(checkpoint, engine)
-        elif first > 0:  # mid-stage: the reference pass needs the previous stage's output, not these weights
-            _load_finished(engine, finished[names[first - 1]])
+        if first > 0:  # the last finished stage's adapter: where the next stage starts, and the weights a
+            _load_finished(engine, finished[names[first - 1]])  # mid-stage resume's reference pass is taken from
         if rank == 0:
             progress(f"[{spec.name}] resuming at {restored.name} step {restored.step}"
                      f"{' (done)' if restored.done else ''} from {checkpoint.path}")
