@@ -118,6 +118,7 @@ def main() -> None:
     ap.add_argument("--out", default="", help="default: benchmarks/results/train_throughput_{cpu,gpu}.json")
     ap.add_argument("--prefix-sharing", action="store_true", help="shared vs separate preference rows (see above)")
     ap.add_argument("--sft-layouts", action="store_true", help="SmolLM2 SFT: worker layouts vs the matmul peak (see above)")
+    ap.add_argument("--layouts", type=int, nargs="*", help="with --sft-layouts: only these rows of SFT_LAYOUTS (0 = the default)")
     args = ap.parse_args()
     if args.prefix_sharing or args.sft_layouts:
         (prefix_sharing if args.prefix_sharing else sft_layouts)(args)
@@ -299,14 +300,26 @@ def _finish(args: argparse.Namespace, work: Path, name: str, machine: str, peak:
     print(f"\nwrote {out}")
 
 
-SFT_LAYOUTS = {  # name -> overrides of configs/default.yaml
-    "2 workers x 1 core, ZeRO-2": ["train.num_workers=2", "train.cpus_per_worker=0.5", "train.zero_stage=2"],
-    "1 worker x 2 cores, ZeRO-2": ["train.num_workers=1", "train.cpus_per_worker=2", "train.zero_stage=2"],
-    "1 worker x 2 cores, torch": ["train.num_workers=1", "train.cpus_per_worker=2", "train.zero_stage=0"],
+SFT_LAYOUTS = {  # name -> overrides of configs/default.yaml (whose mixed_precision is auto: bf16 on AMX CPUs)
+    "2 workers x 1 core, ZeRO-2": ["train.num_workers=2", "train.cpus_per_worker=0.5", "train.zero_stage=2",
+                                   "train.mixed_precision=none"],
+    "1 worker x 2 cores, ZeRO-2": ["train.num_workers=1", "train.cpus_per_worker=2", "train.zero_stage=2",
+                                   "train.mixed_precision=none"],
+    "1 worker x 2 cores, torch": ["train.num_workers=1", "train.cpus_per_worker=2", "train.zero_stage=0",
+                                  "train.mixed_precision=none"],
     "2 workers x 1 core, ZeRO-2, bf16 autocast": ["train.num_workers=2", "train.cpus_per_worker=0.5", "train.zero_stage=2",
                                                   "train.mixed_precision=bf16"],
     "1 worker x 2 cores, torch, bf16 autocast": ["train.num_workers=1", "train.cpus_per_worker=2", "train.zero_stage=0",
                                                  "train.mixed_precision=bf16"],
+    "2 workers x 1 core, ZeRO-2, bf16 autocast, micro-batch 8 x 1": [
+        "train.num_workers=2", "train.cpus_per_worker=0.5", "train.zero_stage=2", "train.mixed_precision=bf16",
+        "sft.batch_size=8", "sft.grad_accum=1"],
+}
+
+
+FIXED_PARTS = {  # a fit's fixed cost, in the order it is paid (sprec_ray/train/phases.py, loop.py)
+    "handoff_s": "rows to the object store s", "start_s": "worker group start-up s", "setup_s": "imports, model, engine s", "data_s": "data shard s",
+    "prepare_s": "stage prepare s", "end_s": "final checkpoint, shutdown s", "export_s": "adapter export s",
 }
 
 
@@ -326,7 +339,9 @@ def sft_layouts(args: argparse.Namespace) -> None:
     peak_bf16 = matmul_peak(2, "bfloat16")  # AMX / AVX512-BF16 CPUs run bf16 matmuls several times faster
     init_ray(num_cpus=4)
     results = []
-    for layout, overrides in SFT_LAYOUTS.items():
+    chosen = [list(SFT_LAYOUTS)[i] for i in args.layouts] if args.layouts else list(SFT_LAYOUTS)
+    for layout in chosen:
+        overrides = SFT_LAYOUTS[layout]
         cfg = load_config(DEFAULT_CONFIG, [f"output_dir={work}/runs", f"sft.max_steps={args.steps}", "sft.epochs=1000",
                                            "train.checkpoint_every=1000", *overrides])
         name = f"sft-{len(results)}-{time.strftime('%H%M%S')}"
@@ -337,7 +352,8 @@ def sft_layouts(args: argparse.Namespace) -> None:
         results.append({"layout": layout, "overrides": overrides, "tokens_per_s": tps,
                         "peak_share": 4 * n_nonembed * tps / peak[2], "peak_share_bf16": 4 * n_nonembed * tps / peak_bf16,
                         "fit_s": m["fit_s"],
-                        "fixed_s": m["fit_s"] - m["loop_s"], "setup_s": m.get("setup_s", 0.0), "data_s": m.get("data_s", 0.0),
+                        "fixed_s": m["fit_s"] - m["loop_s"] + m["export_s"],
+                        **{k: m.get(k, 0.0) for k in FIXED_PARTS},
                         "checkpoint_mb": _dir_bytes(Path(res.checkpoint_path)) / 1e6,
                         "adapter_mb": (res.adapter_dir / "adapter_model.safetensors").stat().st_size / 1e6,
                         "load_average_1m": os.getloadavg()[0]})
@@ -351,6 +367,11 @@ def sft_layouts(args: argparse.Namespace) -> None:
         "matmul_peak_gflops_bf16_2_threads": peak_bf16 / 1e9,
         "rows": len(rows), "steps": args.steps, "results": results},
         "| layout | tokens/s | share of fp32 peak | share of bf16 peak | fit s | fixed s | checkpoint MB | adapter MB |", table)
+    print("\n| layout | fixed s | " + " | ".join(FIXED_PARTS.values()) + " | other s |")
+    print("|" + "---|" * (len(FIXED_PARTS) + 3))
+    for r in results:
+        other = r["fixed_s"] - sum(r[k] for k in FIXED_PARTS)
+        print(f"| {r['layout']} | {r['fixed_s']:.1f} | " + " | ".join(f"{r[k]:.1f}" for k in FIXED_PARTS) + f" | {other:.1f} |")
 
 
 if __name__ == "__main__":

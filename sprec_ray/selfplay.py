@@ -26,7 +26,7 @@ from .data.dataset import from_checkout
 from .data.prepared import PreparedData, prepare_dataset
 from .data.prompts import render_prompt, render_response
 from .data.records import Example
-from .data.sharding import prompt_dataset, write_examples_parquet
+from .data.sharding import prompt_dataset, prompt_table, write_examples_parquet
 from .generate.backends import Decoding
 from .manifest import ManifestStore, Phase, PhaseRecord, round_label, write_json_atomic
 from .models.base import link_tree, model_dir, stage_base_model
@@ -226,13 +226,14 @@ class SelfPlayDriver:
 
     def _dataset(self, name: str, rows: Sequence[Example] | None, negatives: Sequence[Sequence[int]] | None = None,
                  rejected_texts: Sequence[Sequence[str]] | None = None):
-        """Prompt rows of a phase: `rows` written as its own shards, or None = the prepared train split."""
-        shards = self.data.split_dir("train")
+        """Prompt rows of a phase: `rows` written as its own shards and built here, or None = the
+        prepared train split, built by Ray Data."""
+        build, shards = prompt_dataset, self.data.split_dir("train")
         if rows is not None:
-            shards = self.run_dir / "data" / name
+            build, shards = prompt_table, self.run_dir / "data" / name
             write_examples_parquet(rows, shards, self.cfg.data.num_shards, negatives, rejected_texts)
-        return prompt_dataset(shards, self.data.catalogue, self.cfg.data.item_noun,
-                              counterfactual=self.cfg.sft.cft.enabled, candidates=self._candidate_spec)
+        return build(shards, self.data.catalogue, self.cfg.data.item_noun, counterfactual=self.cfg.sft.cft.enabled,
+                     candidates=self._candidate_spec)
 
     @property
     def _candidate_spec(self) -> tuple[int, int] | None:

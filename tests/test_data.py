@@ -9,7 +9,7 @@ from sprec_ray.data.catalogue import catalogue_from_titles, load_sprec_catalogue
 from sprec_ray.data.prompts import names_several_titles, parse_response, render_prompt, render_response
 from sprec_ray.data.readers import read_sdpo_json, read_sprec_json
 from sprec_ray.data.records import DataError
-from sprec_ray.data.sharding import prompt_dataset, write_examples_parquet
+from sprec_ray.data.sharding import prompt_dataset, prompt_table, write_examples_parquet
 from sprec_ray.testing import load_dataset, read_interactions
 
 CAT = catalogue_from_titles(["Alpha", 'A Child Called "It" (Dave Pelzer #1)', "Gamma, Delta", "Beta"],
@@ -194,3 +194,7 @@ def test_ray_data_builds_prompts_from_sharded_parquet(tiny_data, tmp_path, ray_s
     for e in examples:
         assert by_id[e.row_id]["prompt"] == render_prompt([titles[i] for i in e.history])
         assert by_id[e.row_id]["response"] == render_response(titles[e.target])
+    # a round's rows are built in the driver process: the same rows
+    local = prompt_table(tmp_path / "shards", tiny_data.catalogue, "books").to_pylist()
+    assert sorted((r["row_id"], r["prompt"], r["response"]) for r in local) == \
+        sorted((r["row_id"], r["prompt"], r["response"]) for r in rows)

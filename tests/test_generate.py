@@ -314,6 +314,15 @@ def test_vllm_prompt_logprobs_rank_candidates_as_transformers_does(vllm_pool, vl
                for x, y in zip(a, b, strict=True)) < 1e-3
     assert [sorted(range(4), key=lambda j: -sum(r[j])) for r in got] == [sorted(range(4), key=lambda j: -sum(r[j]))
                                                                          for r in ref]
+    # Prompts over vLLM's CPU KV block (128 tokens): a row's later candidates read its prompt's cached
+    # blocks, and the answers' log-probs must still be the model's.
+    long = [render_prompt(list(titles[i:i + 15])) for i in (0, 40)]
+    assert min(len(hf.tokenizer(p)["input_ids"]) for p in long) > 128
+    long_cands = [titles[40:44], titles[:4]]
+    got = vllm_pool.score(long, long_cands, adapters[0], round_id=1)
+    ref = hf.candidate_logprobs(long, long_cands, adapters[0], 1)
+    assert max(abs(x - y) for r, e in zip(got, ref, strict=True) for a, b in zip(r, e, strict=True)
+               for x, y in zip(a, b, strict=True)) < 1e-3
 
 
 @pytest.mark.slow

