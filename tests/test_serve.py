@@ -498,7 +498,8 @@ def _replica_pids(app: str) -> list[int]:
 
 def _load_while_killing(url: str, app: str, total: int, kill_after: int, catalogue) -> list:
     """`total` requests from 8 clients, alternating /recommend and /rank; one model replica is
-    SIGKILLed once `kill_after` have been answered. The responses, in request order."""
+    SIGKILLed once `kill_after` have been answered, and 16 more requests follow the kill (a fast
+    replica may have answered all the others by then). The responses, in request order."""
     import os
     import signal
     import threading
@@ -518,6 +519,7 @@ def _load_while_killing(url: str, app: str, total: int, kill_after: int, catalog
         for _ in range(kill_after):
             answered.acquire(timeout=120)
         os.kill(_replica_pids(app)[0], signal.SIGKILL)
+        futures += [pool.submit(one, i) for i in range(total, total + 16)]
         return [f.result() for f in futures]
 
 
