@@ -118,6 +118,8 @@ def main() -> None:
     ap.add_argument("--out", default="", help="default: benchmarks/results/train_throughput_{cpu,gpu}.json")
     ap.add_argument("--prefix-sharing", action="store_true", help="shared vs separate preference rows (see above)")
     ap.add_argument("--sft-layouts", action="store_true", help="SmolLM2 SFT: worker layouts vs the matmul peak (see above)")
+    ap.add_argument("--mixed-precision", choices=["none", "bf16", "auto"], default="auto",
+                    help="with --prefix-sharing: train.mixed_precision (the default config's auto is bf16 on AMX CPUs)")
     ap.add_argument("--layouts", type=int, nargs="*", help="with --sft-layouts: only these rows of SFT_LAYOUTS (0 = the default)")
     args = ap.parse_args()
     if args.prefix_sharing or args.sft_layouts:
@@ -261,7 +263,8 @@ def prefix_sharing(args: argparse.Namespace) -> None:
             pairs = [{**r, "rejected": r["rejected"][:k]} for r in rows]
             cfg = load_config(DEFAULT_CONFIG, [
                 f"output_dir={work}/runs", f"dpo.loss={loss}", f"dpo.num_negatives={k}", f"dpo.max_steps={args.steps}",
-                "dpo.epochs=1000", "train.checkpoint_every=1000", f"train.prefix_sharing={'on' if layout == 'shared' else 'off'}"])
+                "dpo.epochs=1000", "train.checkpoint_every=1000", f"train.prefix_sharing={'on' if layout == 'shared' else 'off'}",
+                f"train.mixed_precision={args.mixed_precision}"])
             name = f"prefix-{loss}-{layout}-{time.strftime('%H%M%S')}"
             res = run_dpo(cfg, model_dir, ray.data.from_items(pairs), work / "adapters" / name, start_adapter, name)
             m, step_s = res.metrics, _step_s(res)
@@ -280,7 +283,7 @@ def prefix_sharing(args: argparse.Namespace) -> None:
              f"{r['tokens_per_step']:,.0f} | {r['step_ratio']:.2f} | {r['reference_ratio']:.2f} |" for r in results]
     _finish(args, work, "prefix_sharing.json", machine, peak, {
         "config": "configs/default.yaml (dpo.batch_size 2 x grad_accum 2 per worker, 2 workers, ZeRO-2)",
-        "rows": len(rows), "steps": args.steps, "results": results},
+        "mixed_precision": args.mixed_precision, "rows": len(rows), "steps": args.steps, "results": results},
         "| loss | K | layout | step s | reference pass s | tokens/step | step ratio | reference ratio |", table)
 
 
