@@ -159,11 +159,10 @@ class VLLMBackend(GenerationBackend):
                                         skip_reading_prefix_cache=skip) for skip in (False, True))
         result = []
         for p, c in pairs:
-            out = self.llm.generate([TokensPrompt(prompt_token_ids=p + c)], shared, lora_request=lora,
-                                    use_tqdm=False)[0]
+            request = [TokensPrompt(prompt_token_ids=p + c)]
+            out = self.llm.generate(request, shared, lora_request=lora, use_tqdm=False)[0]
             if (out.num_cached_tokens or 0) >= len(p):
-                out = self.llm.generate([TokensPrompt(prompt_token_ids=p + c)], fresh, lora_request=lora,
-                                        use_tqdm=False)[0]
+                out = self.llm.generate(request, fresh, lora_request=lora, use_tqdm=False)[0]
             entries = out.prompt_logprobs[len(p): len(p) + len(c)]
             result.append([float(e[t].logprob) for e, t in zip(entries, c, strict=True)])
         return result

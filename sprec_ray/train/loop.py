@@ -303,11 +303,8 @@ def _run_stage(spec: FitSpec, stage: StageSpec, index: int, engine: Any, encoder
                                      "restored_from": state.restored_from}
         if checkpoint_due or state.step % cfg.train.log_every == 0:
             means = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
-            t = time.perf_counter()
             _report(engine, state, {**means, "step": float(state.step), "stage_index": float(index)}, rank, staging,
                     checkpoint_due, finished)
-            if checkpoint_due and not last_step:  # inside loop_s; the final one is in the driver's end_s
-                marks["checkpoint_s"] = marks.get("checkpoint_s", 0.0) + time.perf_counter() - t
             window = []
     tracker.close()
 
