@@ -13,7 +13,7 @@ over workers, over the steps after the first (start-up excluded):
     .venv/bin/python benchmarks/train_throughput.py --prefix-sharing   # SmolLM2, Goodreads prompts
 
 `--prefix-sharing` times DPO (K = 1) and S-DPO (K = 3) fits with prefix-shared and separate rows
-side by side on SmolLM2 with the default config's Goodreads prompts (train/shared_prefix.py): step
+side by side (`--repeats 2` runs them in ABBA order and averages) on SmolLM2 with the default config's Goodreads prompts (train/shared_prefix.py): step
 time, reference-pass time, tokens computed, and shared / unshared ratios, into
 benchmarks/results/prefix_sharing.json, with the machine's fp32 matmul peak measured in the same run.
 `--sft-layouts` times SmolLM2 SFT with two workers of one core against one worker on both cores, in
@@ -107,7 +107,7 @@ def main() -> None:
     ap.add_argument("--grad-accum", type=int, default=2)
     ap.add_argument("--steps", type=int, default=16, help="optimizer steps per fit")
     ap.add_argument("--repeats", type=int, default=1, help="sweeps over all configs; the best tokens/s is kept "
-                    "(robust to other load on a shared machine)")
+                    "(robust to other load on a shared machine); with --prefix-sharing, fits per layout in ABBA order, averaged")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--backends", default="ddp,zero2,zero3")
     ap.add_argument("--phases", default="sft,dpo")
@@ -120,6 +120,8 @@ def main() -> None:
     ap.add_argument("--sft-layouts", action="store_true", help="SmolLM2 SFT: worker layouts vs the matmul peak (see above)")
     ap.add_argument("--mixed-precision", choices=["none", "bf16", "auto"], default="auto",
                     help="with --prefix-sharing: train.mixed_precision (the default config's auto is bf16 on AMX CPUs)")
+    ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                    help="with --prefix-sharing: a config override for every fit (repeatable)")
     ap.add_argument("--layouts", type=int, nargs="*", help="with --sft-layouts: only these rows of SFT_LAYOUTS (0 = the default)")
     args = ap.parse_args()
     if args.prefix_sharing or args.sft_layouts:
@@ -222,7 +224,7 @@ def _step_s(result) -> float:
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
 
-def _smollm2_goodreads(work: Path, n: int) -> tuple[Path, list[dict], dict[int, float], str]:
+def smollm2_goodreads(work: Path, n: int) -> tuple[Path, list[dict], dict[int, float], str]:
     """SmolLM2, n Goodreads train rows rendered as the default config renders them (3 random rejected
     titles each), the fp32 matmul peak on 1 and 2 threads, and the machine's name."""
     import random
@@ -249,42 +251,53 @@ def _dir_bytes(path: Path) -> int:
 
 
 def prefix_sharing(args: argparse.Namespace) -> None:
+    import statistics
+
     import ray.data
 
     from sprec_ray.testing import run_dpo
 
     work = Path("bench_out") / "prefix_sharing_work"
-    model_dir, rows, peak, machine = _smollm2_goodreads(work, args.rows)
+    model_dir, rows, peak, machine = smollm2_goodreads(work, args.rows)
     init_ray(num_cpus=4)
     start_adapter = fresh_adapter(model_dir, work / "start")
-    results = []
+    fits = []
     for loss, k in (("dpo", 1), ("sdpo", 3)):
-        for layout in ("shared", "unshared"):
-            pairs = [{**r, "rejected": r["rejected"][:k]} for r in rows]
-            cfg = load_config(DEFAULT_CONFIG, [
-                f"output_dir={work}/runs", f"dpo.loss={loss}", f"dpo.num_negatives={k}", f"dpo.max_steps={args.steps}",
-                "dpo.epochs=1000", "train.checkpoint_every=1000", f"train.prefix_sharing={'on' if layout == 'shared' else 'off'}",
-                f"train.mixed_precision={args.mixed_precision}"])
-            name = f"prefix-{loss}-{layout}-{time.strftime('%H%M%S')}"
-            res = run_dpo(cfg, model_dir, ray.data.from_items(pairs), work / "adapters" / name, start_adapter, name)
-            m, step_s = res.metrics, _step_s(res)
-            results.append({"loss": loss, "k": k, "layout": layout, "step_s": step_s, "reference_s": m["reference_s"],
-                            "tokens_per_step": m["tokens_per_s"] * step_s, "steps": m["steps"], "fit_s": m["fit_s"],
-                            "fixed_s": m["fit_s"] - m["loop_s"] - m["reference_s"],
-                            "load_average_1m": os.getloadavg()[0]})
-            print(f"{loss} K={k} {layout}: step {results[-1]['step_s']:.2f} s, reference pass {m['reference_s']:.1f} s, "
-                  f"{results[-1]['tokens_per_step']:,.0f} tokens/step", flush=True)
+        pairs = [{**r, "rejected": r["rejected"][:k]} for r in rows]
+        # ABBA order over repeats: a drift in machine speed (tens of percent within an hour here)
+        # then lands on both layouts alike instead of on whichever ran second.
+        for repeat in range(args.repeats):
+            for layout in ("shared", "unshared") if repeat % 2 == 0 else ("unshared", "shared"):
+                cfg = load_config(DEFAULT_CONFIG, [
+                    f"output_dir={work}/runs", f"dpo.loss={loss}", f"dpo.num_negatives={k}", f"dpo.max_steps={args.steps}",
+                    "dpo.epochs=1000", "train.checkpoint_every=1000", f"train.prefix_sharing={'on' if layout == 'shared' else 'off'}",
+                    f"train.mixed_precision={args.mixed_precision}", *args.override])
+                name = f"prefix-{loss}-{layout}-{time.strftime('%H%M%S')}"
+                res = run_dpo(cfg, model_dir, ray.data.from_items(pairs), work / "adapters" / name, start_adapter, name)
+                m, step_s = res.metrics, _step_s(res)
+                fits.append({"loss": loss, "k": k, "layout": layout, "repeat": repeat, "step_s": step_s,
+                             "reference_s": m["reference_s"], "tokens_per_step": m["tokens_per_s"] * step_s, "fit_s": m["fit_s"],
+                             "fixed_s": m["fit_s"] - m["loop_s"] - m["reference_s"], "load_average_1m": os.getloadavg()[0]})
+                print(f"{loss} K={k} {layout} ({repeat + 1}/{args.repeats}): step {step_s:.2f} s, reference pass "
+                      f"{m['reference_s']:.1f} s, {fits[-1]['tokens_per_step']:,.0f} tokens/step", flush=True)
+    results = [{"loss": loss, "k": k, "layout": layout, "fits": len(mine),
+                **{key: statistics.mean(f[key] for f in mine) for key in ("step_s", "reference_s", "tokens_per_step")}}
+               for loss, k in (("dpo", 1), ("sdpo", 3)) for layout in ("shared", "unshared")
+               for mine in [[f for f in fits if f["loss"] == loss and f["layout"] == layout]]]
     for r in results:
         other = next(x for x in results if x["loss"] == r["loss"] and x["layout"] == "unshared")
-        r["step_ratio"] = r["step_s"] / other["step_s"]
-        r["reference_ratio"] = r["reference_s"] / other["reference_s"]
-        r["tokens_ratio"] = r["tokens_per_step"] / other["tokens_per_step"]
+        for key in ("step", "reference", "tokens"):
+            name = "tokens_per_step" if key == "tokens" else f"{key}_s"
+            r[f"{key}_ratio"] = r[name] / other[name]
     table = [f"| {r['loss']} | {r['k']} | {r['layout']} | {r['step_s']:.2f} | {r['reference_s']:.1f} | "
              f"{r['tokens_per_step']:,.0f} | {r['step_ratio']:.2f} | {r['reference_ratio']:.2f} |" for r in results]
+    dpo = load_config(DEFAULT_CONFIG, args.override).dpo
     _finish(args, work, "prefix_sharing.json", machine, peak, {
-        "config": "configs/default.yaml (dpo.batch_size 2 x grad_accum 2 per worker, 2 workers, ZeRO-2)",
-        "mixed_precision": args.mixed_precision, "rows": len(rows), "steps": args.steps, "results": results},
-        "| loss | K | layout | step s | reference pass s | tokens/step | step ratio | reference ratio |", table)
+        "config": f"configs/default.yaml, dpo.batch_size {dpo.batch_size} x grad_accum {dpo.grad_accum} per worker, "
+                  f"overrides {args.override}", "mixed_precision": args.mixed_precision, "rows": len(rows),
+        "steps": args.steps, "repeats": args.repeats, "results": results, "fits": fits},
+        f"| loss | K | layout | step s (mean of {args.repeats}) | reference pass s | tokens/step | step ratio | reference ratio |",
+        table)
 
 
 def _finish(args: argparse.Namespace, work: Path, name: str, machine: str, peak: dict[int, float], report: dict,
@@ -335,7 +348,7 @@ def sft_layouts(args: argparse.Namespace) -> None:
     from sprec_ray.testing import run_sft
 
     work = Path("bench_out") / "sft_layouts_work"
-    model_dir, rows, peak, machine = _smollm2_goodreads(work, args.rows)
+    model_dir, rows, peak, machine = smollm2_goodreads(work, args.rows)
     _, n_nonembed = param_counts(model_dir)
     from generate_throughput import matmul_peak
 

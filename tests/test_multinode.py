@@ -61,9 +61,11 @@ def cluster(storage, driver_cwd, tiny_model_dir):
 
 
 def _run_args(config: str, tiny_data_dir: Path) -> list[str]:
+    # 12 warm-start steps: with 4, a loaded machine once finished the stage before the node-loss
+    # test's kill landed, so nothing was left to resume.
     return ["--config", config, f"model.name={HUB_ID}", f"data.path={tiny_data_dir}",
             "data.train_samples=32", "data.valid_samples=8", "selfplay.rounds=1", "selfplay.round_samples=8",
-            "sft.epochs=2", "train.checkpoint_every=2", "generation.backend=hf",
+            "sft.epochs=6", "train.checkpoint_every=2", "generation.backend=hf",
             "generation.decoding=sample", "generation.temperature=2.0"]
 
 

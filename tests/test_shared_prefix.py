@@ -131,6 +131,27 @@ def test_split_pair_logps_reads_the_shared_order(pair_rows):
 
 
 @pytest.mark.parametrize("layout", ["on", "off"])
+def test_bf16_engine_stores_frozen_linears_in_bf16_with_the_same_logits(pair_rows, tiny_model_dir, layout):
+    """Under bf16 autocast the frozen base Linear weights are kept in bf16 (autocast would cast them on
+    every forward); the input embedding stays fp32, and the logits are bit-identical to fp32 weights."""
+    from sprec_ray.train.engine import build_engine, build_policy
+
+    rows, pad = pair_rows
+    cfg = load_config(None, ["dpo.loss=sdpo", "dpo.num_negatives=3", f"train.prefix_sharing={layout}",
+                             "train.mixed_precision=bf16", "lora.dropout=0.0"])
+    engine = build_engine(tiny_model_dir, cfg, None, 1e-3, 3, 1, torch.device("cpu"))
+    reference = build_policy(tiny_model_dir, cfg.lora, None, "float32", cfg.seed)
+    frozen = [m.weight for m in engine.peft_model.modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad]
+    assert frozen and all(w.dtype == torch.bfloat16 for w in frozen if w is not engine.peft_model.get_input_embeddings().weight)
+    assert engine.peft_model.get_input_embeddings().weight.dtype == torch.float32
+    batch = PreferenceObjective(cfg, rows, pad, torch.device("cpu")).collate(rows)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = reference(**batch.model_inputs()).logits
+    with torch.no_grad():
+        assert torch.equal(engine(**batch.model_inputs()).logits, expected)
+
+
+@pytest.mark.parametrize("layout", ["on", "off"])
 def test_bf16_mixed_precision_runs_the_forward_in_bf16_and_keeps_fp32_weights(pair_rows, tiny_model_dir, layout):
     """train.mixed_precision=bf16: the engine's forward under autocast (bf16 logits), LoRA weights and
     their gradients stay fp32, and the DPO loss stays within bf16's tolerance of the fp32 one."""

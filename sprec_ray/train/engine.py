@@ -302,6 +302,9 @@ def build_engine(base_model: Path, cfg: RunConfig, init_adapter: Path | None, lr
             hf_ds = HfDeepSpeedConfig(ds_config)  # transformers holds only a weakref: keep it alive
     model = build_policy(base_model, cfg.lora, init_adapter, dtype, cfg.seed, cfg.model.attn_implementation,
                          cfg.train.gradient_checkpointing)
+    autocast = torch.bfloat16 if uses_bf16(cfg.train.mixed_precision, device) else None
+    if autocast is not None and hf_ds is None:  # ZeRO-3 has already partitioned the weights
+        store_frozen_linears(model, autocast)
     engine: TrainEngine
     if ds_config is not None:
         engine = DeepSpeedTrainEngine(model, stage, lr, ds_config, device)
@@ -309,8 +312,18 @@ def build_engine(base_model: Path, cfg: RunConfig, init_adapter: Path | None, lr
     else:
         engine = TorchTrainEngine(model, lr, cfg.train.max_grad_norm, device, distributed)
     engine.device_type = device.type
-    engine.autocast = torch.bfloat16 if uses_bf16(cfg.train.mixed_precision, device) else None
+    engine.autocast = autocast
     return engine
+
+
+def store_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Keep the frozen base Linear weights in the autocast dtype. Autocast casts every one of them again
+    on every forward, to the same values (about 0.1 s of a 0.7 s SmolLM2 forward on one CPU core). A
+    weight tied to the input embedding stays as it is: the embedding lookup is not autocast."""
+    embedding = model.get_input_embeddings().weight
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad and module.weight is not embedding:
+            module.weight.data = module.weight.data.to(dtype)
 
 
 def uses_bf16(mixed_precision: str, device: torch.device) -> bool:
