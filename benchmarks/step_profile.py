@@ -90,7 +90,8 @@ def main() -> None:
             pairs = encode_pair_batch(_columns(rows[:args.rows], k), encoder, k)
             objective = PreferenceObjective(case_cfg, pairs, pad_id, device)
             batch = case_cfg.dpo.batch_size
-        objectives[(loss, layout)] = (objective, batch, case_cfg)
+        dropout = case_cfg.lora.dropout if loss == "sft" else case_cfg.dpo.lora_dropout  # as the training loop sets it
+        objectives[(loss, layout)] = (objective, batch, dropout)
 
     times: dict[tuple[str, str], list[float]] = {key: [] for key in objectives}
     tokens: dict[tuple[str, str], list[int]] = {key: [] for key in objectives}
@@ -101,8 +102,8 @@ def main() -> None:
             objectives[key][0].prepare(engine)
             reference[key].append(time.perf_counter() - start)
     for repeat in range(args.repeats):
-        for key, (objective, batch, case_cfg) in objectives.items():
-            set_lora_dropout(engine.peft_model, case_cfg.lora.dropout if key[0] == "sft" else case_cfg.dpo.lora_dropout)
+        for key, (objective, batch, dropout) in objectives.items():
+            set_lora_dropout(engine.peft_model, dropout)
             idx = [(repeat * batch + j) % len(objective.rows) for j in range(batch)]
             start = time.perf_counter()
             loss, _, n = objective.loss(engine, idx)
@@ -114,8 +115,8 @@ def main() -> None:
 
     _, n_nonembed = param_counts(model_dir)
     results = []
-    for key, (objective, batch, case_cfg) in objectives.items():
-        set_lora_dropout(engine.peft_model, case_cfg.lora.dropout if key[0] == "sft" else case_cfg.dpo.lora_dropout)
+    for key, (objective, batch, dropout) in objectives.items():
+        set_lora_dropout(engine.peft_model, dropout)
         step_s = statistics.mean(times[key][1:])
         tps = statistics.mean(tokens[key][1:]) / step_s
         results.append({"loss": key[0], "layout": key[1], "micro_batch_rows": batch, "fwd_bwd_s": step_s,

@@ -280,10 +280,12 @@ def prefix_sharing(args: argparse.Namespace) -> None:
                              "fixed_s": m["fit_s"] - m["loop_s"] - m["reference_s"], "load_average_1m": os.getloadavg()[0]})
                 print(f"{loss} K={k} {layout} ({repeat + 1}/{args.repeats}): step {step_s:.2f} s, reference pass "
                       f"{m['reference_s']:.1f} s, {fits[-1]['tokens_per_step']:,.0f} tokens/step", flush=True)
-    results = [{"loss": loss, "k": k, "layout": layout, "fits": len(mine),
-                **{key: statistics.mean(f[key] for f in mine) for key in ("step_s", "reference_s", "tokens_per_step")}}
-               for loss, k in (("dpo", 1), ("sdpo", 3)) for layout in ("shared", "unshared")
-               for mine in [[f for f in fits if f["loss"] == loss and f["layout"] == layout]]]
+    results = []
+    for loss, k in (("dpo", 1), ("sdpo", 3)):
+        for layout in ("shared", "unshared"):
+            mine = [f for f in fits if f["loss"] == loss and f["layout"] == layout]
+            means = {key: statistics.mean(f[key] for f in mine) for key in ("step_s", "reference_s", "tokens_per_step")}
+            results.append({"loss": loss, "k": k, "layout": layout, "fits": len(mine), **means})
     for r in results:
         other = next(x for x in results if x["loss"] == r["loss"] and x["layout"] == "unshared")
         for key in ("step", "reference", "tokens"):
