@@ -38,6 +38,7 @@ def use_prebuilt_extensions() -> None:
     TORCH_EXTENSIONS_DIR wins). Without the cache DeepSpeed compiles into ~/.cache as before."""
     if extension_cache().is_dir():
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extension_cache()))
+        _use_env_ninja()
 
 
 def build_extensions() -> None:
@@ -45,9 +46,18 @@ def build_extensions() -> None:
     minute of C++), instead of inside a run's first fit."""
     os.environ["TORCH_EXTENSIONS_DIR"] = str(extension_cache())
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    _use_env_ninja()
     from deepspeed.comm.torch import build_shm_op
 
     build_shm_op()
+
+
+def _use_env_ninja() -> None:
+    """Torch runs whichever `ninja` PATH finds. Ninja 1.11 and 1.13 hash build commands differently, so
+    a system ninja and this environment's would each rebuild (~1 min) what the other built."""
+    bin_dir = str(Path(sys.executable).parent)
+    if os.environ.get("PATH", "").split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
 
 
 def has_cuda() -> bool:

@@ -8,6 +8,9 @@ ZeRO-2, ZeRO-3 (killed and resumed) and a single process must then agree to floa
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ from safetensors.torch import load_file
 
 from sprec_ray.config import load_config
 from sprec_ray.data.prompts import render_prompt, render_response
+from sprec_ray.runtime import extension_cache
 from sprec_ray.testing import run_dpo, run_sft
 from sprec_ray.train.checkpointing import read_state
 from sprec_ray.train.phases import PhaseResult, Stage, run_fit, with_train
@@ -264,3 +268,19 @@ def test_a_rounds_sft_trains_at_the_round_lr_and_the_warm_start_at_sft_lr():
     assert (in_round.lr, in_round.warmup_steps) == (2e-5, 4)
     assert (dpo.lr, dpo.warmup_steps) == (1e-5, 2)
     assert [lr_at(s, 8, 4, 2e-5) for s in (0, 3, 4, 7)] == pytest.approx([5e-6, 2e-5, 2e-5, 5e-6])
+
+
+@pytest.mark.skipif(not (extension_cache() / "deepspeed_shm_comm").is_dir(), reason="scripts/install.sh builds it")
+@pytest.mark.parametrize("first_on_path", ["system", "environment"])
+def test_the_prebuilt_extension_is_current_for_the_ninja_a_fit_runs(first_on_path):
+    """Torch runs the first `ninja` on PATH. One of another version than install.sh's reads the build as
+    stale and recompiles it inside a fit (about a minute); nodes and shells differ in their PATH."""
+    system = "/usr/local/bin:/usr/bin:/bin"
+    path = system if first_on_path == "system" else f"{Path(sys.executable).parent}:{system}"
+    code = ("import subprocess; from sprec_ray.runtime import extension_cache, use_prebuilt_extensions; "
+            "use_prebuilt_extensions(); print(subprocess.run(['ninja', '-n', '-d', 'explain'], "
+            "cwd=extension_cache() / 'deepspeed_shm_comm', capture_output=True, text=True, check=True).stdout)")
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PATH": path}, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "no work to do" in done.stdout, done.stdout + done.stderr
