@@ -132,8 +132,9 @@ def test_split_pair_logps_reads_the_shared_order(pair_rows):
 
 @pytest.mark.parametrize("layout", ["on", "off"])
 def test_bf16_engine_stores_frozen_linears_in_bf16_with_the_same_logits(pair_rows, tiny_model_dir, layout):
-    """Under bf16 autocast the frozen base Linear weights are kept in bf16 (autocast would cast them on
-    every forward); the input embedding stays fp32, and the logits are bit-identical to fp32 weights."""
+    """Under bf16 autocast the frozen base Linear weights, the tied LM head included, are kept in bf16
+    (autocast would cast them on every forward); the input embedding stays fp32, and the logits are
+    bit-identical to fp32 weights."""
     from sprec_ray.train.engine import build_engine, build_policy
 
     rows, pad = pair_rows
@@ -142,7 +143,8 @@ def test_bf16_engine_stores_frozen_linears_in_bf16_with_the_same_logits(pair_row
     engine = build_engine(tiny_model_dir, cfg, None, 1e-3, 3, 1, torch.device("cpu"))
     reference = build_policy(tiny_model_dir, cfg.lora, None, "float32", cfg.seed)
     frozen = [m.weight for m in engine.peft_model.modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad]
-    assert frozen and all(w.dtype == torch.bfloat16 for w in frozen if w is not engine.peft_model.get_input_embeddings().weight)
+    assert len(frozen) == len([m for m in reference.modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad])
+    assert all(w.dtype == torch.bfloat16 for w in frozen)
     assert engine.peft_model.get_input_embeddings().weight.dtype == torch.float32
     batch = PreferenceObjective(cfg, rows, pad, torch.device("cpu")).collate(rows)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
