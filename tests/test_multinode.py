@@ -123,7 +123,8 @@ def test_serve_replicas_load_the_run_from_its_storage(cluster, storage, driver_c
     # left running holds CPUs that later runs on this cluster wait for.
     log = storage / "serve.log"
     with log.open("w") as sink:
-        proc = subprocess.Popen(cmd, cwd=driver_cwd, env=_cli_env(cluster), stdout=sink,
+        # PYTHONFAULTHANDLER: if Ctrl-C never ends the CLI, SIGABRT below writes every thread's stack to the log
+        proc = subprocess.Popen(cmd, cwd=driver_cwd, env={**_cli_env(cluster), "PYTHONFAULTHANDLER": "1"}, stdout=sink,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -160,9 +161,13 @@ def test_serve_replicas_load_the_run_from_its_storage(cluster, storage, driver_c
             except subprocess.TimeoutExpired:
                 pass
         else:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, log.read_text()[-4000:]
+            os.kill(proc.pid, signal.SIGABRT)  # where it hangs, into the log
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    assert proc.returncode == 0, log.read_text()[-8000:]
     with pytest.raises(requests.ConnectionError):  # Ctrl-C took the app and its proxy down
         requests.get(f"{url}/healthz", timeout=10)
 
