@@ -358,14 +358,14 @@ def sft_layouts(args: argparse.Namespace) -> None:
     init_ray(num_cpus=4)
     results = []
     chosen = [list(SFT_LAYOUTS)[i] for i in args.layouts] if args.layouts else list(SFT_LAYOUTS)
+    sft_rows = [{k: r[k] for k in ("row_id", "prompt", "response")} for r in rows]
     for layout in chosen:
         overrides = SFT_LAYOUTS[layout]
         cfg = load_config(DEFAULT_CONFIG, [f"output_dir={work}/runs", f"sft.max_steps={args.steps}", "sft.epochs=1000",
                                            "train.checkpoint_every=1000", *overrides])
         name = f"sft-{len(results)}-{time.strftime('%H%M%S')}"
-        sft_rows = [{k: r[k] for k in ("row_id", "prompt", "response")} for r in rows]
-        # This machine's peak drifts by up to 30% within an hour: each fit is set against the mean of
-        # the peaks measured right before and right after it.
+        # This machine's peak drifts by tens of percent within minutes: each fit is set against the mean
+        # of the peaks measured right before and right after it.
         peak_before = matmul_peak(2, "float32")
         res = run_sft(cfg, model_dir, ray.data.from_items(sft_rows), work / "adapters" / name, None, name)
         fit_peaks = [peak_before, matmul_peak(2, "float32")]
