@@ -2,7 +2,8 @@
 
 SmolLM2 with LoRA on the default config's Goodreads rows, through the training loop's own objectives
 and a single-process engine, on one worker's share of the machine (1 thread, the default config's
-precision). Cases: SFT, and DPO (K = 1) and S-DPO (K = 3) with prefix-shared and separate rows.
+precision). Cases: SFT with the project's LoRA dropout and with torch's, and DPO (K = 1) and S-DPO
+(K = 3) with prefix-shared and separate rows; "ratio" is against torch's dropout and separate rows.
 
     .venv/bin/python benchmarks/step_profile.py --repeats 5
 
@@ -33,7 +34,9 @@ from sprec_ray.train.batching import Encoder, encode_pair_batch, encode_sft_batc
 from sprec_ray.train.engine import build_engine, set_lora_dropout, store_frozen_linears
 from sprec_ray.train.objectives import PreferenceObjective, SFTObjective
 
-CASES = [("sft", 0, "-"), ("dpo", 1, "shared"), ("dpo", 1, "unshared"), ("sdpo", 3, "shared"), ("sdpo", 3, "unshared")]
+# "torch dropout": SFT with the LoRA dropout torch's nn.Dropout draws (one random number per element), the
+# LoRA dropout before `sprec_ray/train/dropout.py`, taking turns with "-" on the same rows.
+CASES = [("sft", 0, "-"), ("sft", 0, "torch dropout"), ("dpo", 1, "shared"), ("dpo", 1, "unshared"), ("sdpo", 3, "shared"), ("sdpo", 3, "unshared")]
 
 
 def _columns(rows: list[dict], k: int) -> dict[str, list]:
@@ -51,6 +54,15 @@ def _top_ops(objective: Any, engine: Any, idx: list[int], n: int) -> list[dict]:
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events)
     return [{"op": e.key, "share": e.self_cpu_time_total / total, "calls": e.count} for e in events[:n]]
+
+
+def _set_dropout(model: torch.nn.Module, p: float, layout: str) -> None:
+    set_lora_dropout(model, p)
+    if layout == "torch dropout":
+        for module in model.modules():
+            if isinstance(getattr(module, "lora_dropout", None), torch.nn.ModuleDict):
+                for key in list(module.lora_dropout.keys()):
+                    module.lora_dropout[key] = torch.nn.Dropout(p)
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -103,7 +115,7 @@ def main() -> None:
             reference[key].append(time.perf_counter() - start)
     for repeat in range(args.repeats):
         for key, (objective, batch, dropout) in objectives.items():
-            set_lora_dropout(engine.peft_model, dropout)
+            _set_dropout(engine.peft_model, dropout, key[1])
             idx = [(repeat * batch + j) % len(objective.rows) for j in range(batch)]
             start = time.perf_counter()
             loss, _, n = objective.loss(engine, idx)
@@ -116,7 +128,7 @@ def main() -> None:
     _, n_nonembed = param_counts(model_dir)
     results = []
     for key, (objective, batch, dropout) in objectives.items():
-        set_lora_dropout(engine.peft_model, dropout)
+        _set_dropout(engine.peft_model, dropout, key[1])
         step_s = statistics.mean(times[key][1:])
         tps = statistics.mean(tokens[key][1:]) / step_s
         results.append({"loss": key[0], "layout": key[1], "micro_batch_rows": batch, "fwd_bwd_s": step_s,
@@ -124,9 +136,10 @@ def main() -> None:
                         "fp32_peak_share": 4 * n_nonembed * tps / peak[args.threads] if args.threads in peak else None,
                         "top_ops": _top_ops(objective, engine, list(range(batch)), args.top)})
     for r in results:
-        other = next((x for x in results if x["loss"] == r["loss"] and x["layout"] == "unshared"), None)
+        base = "torch dropout" if r["loss"] == "sft" else "unshared"
+        other = next((x for x in results if x["loss"] == r["loss"] and x["layout"] == base), None)
         r["fwd_bwd_ratio"] = r["fwd_bwd_s"] / other["fwd_bwd_s"] if other else None
-        r["reference_ratio"] = r["reference_s"] / other["reference_s"] if other else None
+        r["reference_ratio"] = r["reference_s"] / other["reference_s"] if other and other["reference_s"] else None
 
     precision = "bf16 autocast" if engine.autocast is not None else cfg.model.dtype
     report = {"model": "SmolLM2-135M-Instruct", "machine": machine, "threads": args.threads, "precision": precision,
@@ -137,7 +150,7 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"\nSmolLM2 + LoRA on {machine}, {args.threads} thread(s), {precision}; fp32 matmul peak "
           f"{peak[1] / 1e9:.0f} GFLOP/s (1 thread)\n")
-    print("| case | layout | rows | tokens | fwd+bwd s | tokens/s | shared / unshared | reference pass s | shared / unshared | fp32 peak share | top ops (self CPU) |")
+    print("| case | layout | rows | tokens | fwd+bwd s | tokens/s | ratio | reference pass s | ratio | fp32 peak share | top ops (self CPU) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in results:
         ops = ", ".join(f"{o['op'].removeprefix('aten::')[:28]} {100 * o['share']:.0f}%" for o in r["top_ops"][:4])

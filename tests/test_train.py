@@ -217,7 +217,9 @@ def test_cft_then_sdpo_in_one_fit_on_ddp_then_dpo_with_dropout_on_zero2(tiny_dat
                                             "dpo.num_negatives=2", "dpo.max_steps=2", "dpo.batch_size=4", "dpo.grad_accum=1",
                                             "train.zero_stage=2"]), num_workers=2)
     noisy = read_state(_ckpt(run_dpo(dropout, tiny_model_dir, ds, tmp_path / "noisy", cft.adapter_dir, "noisy"))).history
-    assert len(noisy) == 2 and abs(noisy[0]["loss"] - math.log(3)) > 1e-4 and math.isfinite(noisy[-1]["loss"])
+    # Without dropout the first rewards above are exactly 0; with it these draws give about 1e-3.
+    assert len(noisy) == 2 and max(abs(noisy[0]["chosen_reward"]), abs(noisy[0]["rejected_reward"])) > 1e-5
+    assert math.isfinite(noisy[-1]["loss"])
 
 
 def _ckpt(result: PhaseResult):

@@ -56,11 +56,13 @@ def build_policy(base_model: Path, lora: LoraConfig, init_adapter: Path | None, 
 
 def set_lora_dropout(model: torch.nn.Module, p: float) -> None:
     """Replace every LoRA dropout (PEFT builds nn.Identity for p=0, so setting `.p` is not enough)."""
+    from .dropout import GapDropout
+
     for module in model.modules():
         dropouts = getattr(module, "lora_dropout", None)
         if isinstance(dropouts, torch.nn.ModuleDict):
             for key in list(dropouts.keys()):
-                dropouts[key] = torch.nn.Dropout(p) if p > 0 else torch.nn.Identity()
+                dropouts[key] = GapDropout(p) if p > 0 else torch.nn.Identity()
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
