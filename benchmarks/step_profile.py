@@ -34,8 +34,8 @@ from sprec_ray.train.batching import Encoder, encode_pair_batch, encode_sft_batc
 from sprec_ray.train.engine import build_engine, set_lora_dropout, store_frozen_linears
 from sprec_ray.train.objectives import PreferenceObjective, SFTObjective
 
-# "torch dropout": SFT with the LoRA dropout torch's nn.Dropout draws (one random number per element), the
-# LoRA dropout before `sprec_ray/train/dropout.py`, taking turns with "-" on the same rows.
+# "torch dropout": SFT with torch's nn.Dropout as the LoRA dropout (one random number per element), as before
+# `sprec_ray/train/dropout.py`; it takes turns with "-" on the same rows.
 CASES = [("sft", 0, "-"), ("sft", 0, "torch dropout"), ("dpo", 1, "shared"), ("dpo", 1, "unshared"), ("sdpo", 3, "shared"), ("sdpo", 3, "unshared")]
 
 

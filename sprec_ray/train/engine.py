@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..config import LoraConfig, RunConfig
+from .dropout import GapDropout
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -56,8 +57,6 @@ def build_policy(base_model: Path, lora: LoraConfig, init_adapter: Path | None, 
 
 def set_lora_dropout(model: torch.nn.Module, p: float) -> None:
     """Replace every LoRA dropout (PEFT builds nn.Identity for p=0, so setting `.p` is not enough)."""
-    from .dropout import GapDropout
-
     for module in model.modules():
         dropouts = getattr(module, "lora_dropout", None)
         if isinstance(dropouts, torch.nn.ModuleDict):
