@@ -216,16 +216,19 @@ def test_rerun_without_resume_refuses_to_overwrite(finished_run, data_dir):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_killed_driver_resumes_to_the_same_metrics(finished_run, data_dir, tmp_path):
+def test_killed_driver_resumes_to_the_same_metrics(finished_run, data_dir, tmp_path, ray_session):
+    """The driver joins the session's Ray, as a `ray job` driver joins its cluster, and is killed with
+    everything it owns (a second local Ray beside the session's made both crawl: 30 s to hand rows over)."""
     reference, _ = finished_run
     out = tmp_path / "b"
     cmd = [sys.executable, "-m", "sprec_ray.cli", "train", "--config", str(REPO / "configs" / "tiny.yaml"),
            *_overrides(out, data_dir)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
-    # Kill the driver (and its local Ray) once the round's negatives exist: mid-way through r1.
+    # Kill the driver (its train workers and generation actors die with it) once the round's negatives
+    # exist: mid-way through r1.
     while not (out / "manifests" / "r1_negatives.json").exists():
         assert proc.poll() is None, "driver exited before the kill point"
         assert time.time() < deadline, "driver never reached r1_negatives"
