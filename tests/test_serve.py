@@ -514,11 +514,12 @@ def _load_while_killing(url: str, app: str, total: int, kill_after: int, catalog
         answered.release()
         return resp
 
+    victim = _replica_pids(app)[0]  # looked up first: scanning every process let a fast replica answer all
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(one, i) for i in range(total)]
         for _ in range(kill_after):
             answered.acquire(timeout=120)
-        os.kill(_replica_pids(app)[0], signal.SIGKILL)
+        os.kill(victim, signal.SIGKILL)
         futures += [pool.submit(one, i) for i in range(total, total + 16)]
         return [f.result() for f in futures]
 
