@@ -52,7 +52,11 @@ def main() -> None:
                         help="synthetic interaction logs to add beside the Goodreads sample")
     parser.add_argument("--repeats", type=int, default=2, help="ABBA pairs per data set")
     parser.add_argument("--out", default=str(RESULTS / "prompt_build.json"))
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(*args.child)))
+        return
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from data_pipeline import make_log
@@ -70,19 +74,18 @@ def main() -> None:
     results = []
     for name, data, fmt in sets:
         for path in ["ray_data", "driver", "driver", "ray_data"] * args.repeats:
-            code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import prompt_build; "
-                    f"print('RESULT', json.dumps(prompt_build.measure({path!r}, {data!r}, {fmt!r}, {str(work / name)!r})))")
-            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=1800)
-            line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
-                raise RuntimeError(f"{name} {path} failed:\n{out.stderr[-3000:]}")
-            results.append({"data": name, **json.loads(line[7:])})
+            proc = subprocess.run([sys.executable, __file__, "--child", path, data, fmt, str(work / name)],
+                                  capture_output=True, text=True, cwd=REPO, timeout=1800)
+            if proc.returncode != 0:
+                raise SystemExit(f"{name} {path} failed:\n{proc.stderr[-3000:]}")
+            results.append({"data": name, **json.loads(proc.stdout.strip().splitlines()[-1])})
             print(f"{name:>16} {path:>9} {results[-1]['rows']:>9} rows {results[-1]['wall_s']:>8.3f} s", flush=True)
 
     print(f"\n{'data':>16} {'rows':>9} {'driver s':>9} {'Ray Data s':>11}")
     summary = []
     for name, _, _ in sets:
         mine = [r for r in results if r["data"] == name]
+        assert len({r["rows"] for r in mine}) == 1, mine  # both paths must build the same rows
         driver = [r["wall_s"] for r in mine if r["path"] == "driver"]
         ray_data = [r["wall_s"] for r in mine if r["path"] == "ray_data"]
         summary.append({"data": name, "rows": mine[0]["rows"], "driver_s": driver, "ray_data_s": ray_data})

@@ -514,7 +514,7 @@ def _load_while_killing(url: str, app: str, total: int, kill_after: int, catalog
         answered.release()
         return resp
 
-    victim = _replica_pids(app)[0]  # looked up first: scanning every process let a fast replica answer all
+    victim = _replica_pids(app)[0]  # before the load: the kill then follows the kill_after-th answer at once
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(one, i) for i in range(total)]
         for _ in range(kill_after):
