@@ -134,6 +134,11 @@ class TrainConfig:
     # Micro-batches by padded-token budget instead of a fixed row count (0 = batch_size rows);
     # length-bucketed, so long rows travel in small batches and short rows in large ones.
     max_tokens_per_batch: int = 0
+    # An SFT stage of more rows than this streams: each worker reads its share from the shards on
+    # storage itself, window by window (train/stream.py), so neither the driver nor a worker holds the
+    # split. Smaller stages (a round's few thousand rows) go through the object store, which starts faster.
+    stream_rows: int = 100_000
+    stream_window_rows: int = 8192  # rows a streaming worker tokenises and shuffles at a time
     gradient_checkpointing: bool = False
     # "bf16": forward and backward under torch.autocast, weights and Adam in fp32 (HF Trainer's bf16=True,
     # SPRec's setting); about 2x on CPUs with AMX (benchmarks/RESULTS.md). "auto": bf16 where the
@@ -340,6 +345,10 @@ def _check_cross_fields(cfg: RunConfig) -> None:
     for key, value in {"lora.dropout": cfg.lora.dropout, "dpo.lora_dropout": cfg.dpo.lora_dropout}.items():
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"{key} must be in [0, 1), got {value}")
+    if cfg.train.stream_rows < 0:
+        raise ConfigError(f"train.stream_rows must be >= 0 (0 = always stream), got {cfg.train.stream_rows}")
+    if cfg.train.stream_window_rows < 1:
+        raise ConfigError(f"train.stream_window_rows must be >= 1, got {cfg.train.stream_window_rows}")
     if cfg.train.max_tokens_per_batch < 0:
         raise ConfigError(f"train.max_tokens_per_batch must be >= 0 (0 = off), got {cfg.train.max_tokens_per_batch}")
     if cfg.train.prefix_sharing == "on" and cfg.model.attn_implementation == "flash_attention_2":

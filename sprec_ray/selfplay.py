@@ -26,16 +26,12 @@ from .data.dataset import from_checkout
 from .data.prepared import PreparedData, prepare_dataset
 from .data.prompts import render_prompt, render_response
 from .data.records import Example
-from .data.sharding import prompt_dataset, prompt_table, write_examples_parquet
+from .data.sharding import PromptShards, write_examples_parquet
 from .generate.backends import Decoding
 from .manifest import ManifestStore, Phase, PhaseRecord, round_label, write_json_atomic
 from .models.base import link_tree, model_dir, stage_base_model
 from .report import metrics_table, write_report
 from .session import RunSession, attach
-
-# A fit gathers a stage's rows in the driver anyway, and the driver builds them at ~5 us a row: 434k
-# rows in 2.2-2.5 s against Ray Data's 10-11 s, 8 s of it start-up (benchmarks/prompt_build.py).
-DRIVER_PROMPT_ROWS = 1_000_000
 
 log = logging.getLogger("sprec_ray")
 
@@ -229,17 +225,15 @@ class SelfPlayDriver:
                  "items": float(len(self.data.catalogue)), "bad_rows": float(sum(self.data.bad_rows.values()))})
 
     def _dataset(self, name: str, rows: Sequence[Example] | None, negatives: Sequence[Sequence[int]] | None = None,
-                 rejected_texts: Sequence[Sequence[str]] | None = None):
-        """Prompt rows of a phase: `rows` written as its own shards, or None = the prepared train split.
-        Built in this process unless the split is past DRIVER_PROMPT_ROWS, then by Ray Data."""
-        build, shards = prompt_table, self.data.split_dir("train")
+                 rejected_texts: Sequence[Sequence[str]] | None = None) -> PromptShards:
+        """A phase's rows as id shards: `rows` written as its own, or None = the prepared train split.
+        The fit builds their prompts, on this process or, past train.stream_rows, on its workers."""
+        shards = self.data.split_dir("train")
         if rows is not None:
             shards = self.run_dir / "data" / name
             write_examples_parquet(rows, shards, self.cfg.data.num_shards, negatives, rejected_texts)
-        elif self.data.counts["train"] > DRIVER_PROMPT_ROWS:
-            build = prompt_dataset
-        return build(shards, self.data.catalogue, self.cfg.data.item_noun, counterfactual=self.cfg.sft.cft.enabled,
-                     candidates=self._candidate_spec)
+        return PromptShards(str(shards), self.data.catalogue.titles, self.cfg.data.item_noun,
+                            counterfactual=self.cfg.sft.cft.enabled, candidates=self._candidate_spec)
 
     @property
     def _candidate_spec(self) -> tuple[int, int] | None:

@@ -46,6 +46,8 @@ def test_save_then_load_round_trips(tmp_path):
     (["train.log_every=0"], r"train.log_every must be >= 1, got 0"),
     (["dpo.lora_dropout=1.0"], r"dpo.lora_dropout must be in \[0, 1\), got 1.0"),
     (["train.max_tokens_per_batch=-5"], r"train.max_tokens_per_batch must be >= 0"),
+    (["train.stream_rows=-1"], r"train.stream_rows must be >= 0"),
+    (["train.stream_window_rows=0"], r"train.stream_window_rows must be >= 1"),
     (["model.attn_implementation=flash"], r"model.attn_implementation = 'flash' is not allowed"),
     (["output_dir=s3://bucket/run"], r"output_dir='s3://bucket/run' must be a filesystem path every node mounts"),
     (["serve.proxy_location=Nowhere"], r"serve.proxy_location = 'Nowhere' is not allowed"),

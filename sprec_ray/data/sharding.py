@@ -8,6 +8,7 @@ negative the model generated may be no catalogue title, so it travels as text.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -102,11 +103,33 @@ class PromptBuilder:
         return batch
 
 
+@dataclass(frozen=True)
+class PromptShards:
+    """A stage's rows as id shards on storage plus what turns them into prompts. The fit decides
+    where the prompts are built: here for a small set, on each Ray Train worker as it streams its
+    share for a large one (train.stream_rows, train/stream.py)."""
+
+    directory: str  # Parquet shards of id rows (write_examples_parquet / the prepared split)
+    titles: Sequence[str]
+    item_noun: str
+    counterfactual: bool = False
+    candidates: tuple[int, int] | None = None
+
+    def builder(self, titles: Sequence[str] | None = None) -> PromptBuilder:
+        return PromptBuilder(self.titles if titles is None else titles, self.item_noun, self.counterfactual, self.candidates)
+
+    def files(self) -> list[str]:
+        return sorted(str(f) for f in Path(self.directory).glob("*.parquet"))
+
+    def table(self) -> pa.Table:
+        """Every prompt row, built in this process: a round's few hundred rows take milliseconds."""
+        return self.builder()(pq.read_table(self.directory))
+
+
 def prompt_table(shards: str | Path, catalogue: Catalogue, item_noun: str, counterfactual: bool = False,
                  candidates: tuple[int, int] | None = None) -> pa.Table:
-    """`prompt_dataset`'s rows built in this process: a round's few hundred rows take milliseconds here,
-    where starting the actor pool takes seconds."""
-    return PromptBuilder(catalogue.titles, item_noun, counterfactual, candidates)(pq.read_table(str(shards)))
+    """`prompt_dataset`'s rows built in this process."""
+    return PromptShards(str(shards), catalogue.titles, item_noun, counterfactual, candidates).table()
 
 
 def prompt_dataset(source, catalogue: Catalogue, item_noun: str, counterfactual: bool = False, max_workers: int = 4,

@@ -2,7 +2,8 @@
 
 Per worker: build the policy (base + LoRA) and its engine once; then per stage tokenise the rows the
 driver put in the object store for this rank (kept in memory: SPRec rounds are thousands of rows; every
-rank gets as many, so collectives run the same number of steps everywhere), reset the optimizer moments, run
+rank gets as many, so collectives run the same number of steps everywhere) or, for a stage past
+train.stream_rows, stream its share window by window (stream.py), reset the optimizer moments, run
 the stage's `prepare` (DPO: reference log-probs from the weights the previous stage just produced),
 then optimizer steps. A restarted worker group resumes at the checkpoint's stage and step.
 
@@ -42,6 +43,7 @@ from .batching import (
 )
 from .checkpointing import AdapterFiles, TrainerState, load_engine_state, read_checkpoint, write_checkpoint
 from .engine import build_engine, set_lora_dropout
+from .stream import RankStream, StreamPlan
 from .tracking import Tracker, progress
 
 
@@ -50,7 +52,8 @@ class StageSpec:
     phase: Literal["sft", "dpo"]
     name: str
     round: int = 0  # 0 = the warm start
-    shards: tuple[Any, ...] = ()  # one object-store ref per worker rank: a pyarrow Table of its rows
+    # per worker rank: an object-store ref to a pyarrow Table of its rows, or a RankStream it reads itself
+    shards: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -230,7 +233,9 @@ def _run_stage(spec: FitSpec, stage: StageSpec, index: int, engine: Any, encoder
     cfg, h = spec.cfg, hyper(spec.cfg, stage)
     marks = dict(marks)  # the fit's first stage carries its start-up: entered_at, setup_s
     t = time.perf_counter()
-    rows = load_rows(ray.get(stage.shards[rank]), stage.phase, cfg, encoder)
+    shard = stage.shards[rank]
+    stream = shard if isinstance(shard, RankStream) else None
+    rows = [] if stream else load_rows(ray.get(shard), stage.phase, cfg, encoder)  # a stream loads window by window
     marks["data_s"] = time.perf_counter() - t
 
     set_lora_dropout(engine.peft_model, cfg.lora.dropout if stage.phase == "sft" else cfg.dpo.lora_dropout)
@@ -239,7 +244,11 @@ def _run_stage(spec: FitSpec, stage: StageSpec, index: int, engine: Any, encoder
     t = time.perf_counter()
     objective.prepare(engine)  # DPO reference pass: from the stage's starting weights, before any restore
     marks["reference_s" if stage.phase == "dpo" else "prepare_s"] = time.perf_counter() - t
-    plan = StepPlan(objective.lengths(), h, cfg.train.max_tokens_per_batch, cfg.seed, device)
+    if stream is None:
+        plan: StepPlan | StreamPlan = StepPlan(objective.lengths(), h, cfg.train.max_tokens_per_batch, cfg.seed, device)
+    else:
+        plan = StreamPlan(stream, lambda table: load_rows(table, stage.phase, cfg, encoder), h.batch_size, h.grad_accum,
+                          h.epochs, h.max_steps, cfg.seed)
     if plan.total == 0:
         raise DataError(f"{stage.name}: no optimizer steps planned ({stage.phase}.epochs={h.epochs})")
 
@@ -255,7 +264,8 @@ def _run_stage(spec: FitSpec, stage: StageSpec, index: int, engine: Any, encoder
             layout = ("; prefix-shared rows" if objective.shared else "; one row per response (train.prefix_sharing="
                       f"{cfg.train.prefix_sharing}, model.attn_implementation={cfg.model.attn_implementation})")
         precision = "bf16 autocast" if engine.autocast is not None else cfg.model.dtype
-        progress(f"[{stage.name}] {engine.name} {precision}, {world} workers x {len(rows)} rows x {torch.get_num_threads()} threads, "
+        share = f"{stream.rows} rows streamed in windows of {stream.window}" if stream else f"{len(rows)} rows"
+        progress(f"[{stage.name}] {engine.name} {precision}, {world} workers x {share} x {torch.get_num_threads()} threads, "
                  f"{plan.total} steps ({plan.per_epoch}/epoch), lr {h.lr:g}, warm-up {h.warmup_steps}; setup: {setup}{layout}")
 
     tracker = Tracker(rank, cfg.train.logger, Path(spec.log_dir) / stage.name, stage.name, cfg.to_dict())
@@ -266,6 +276,8 @@ def _run_stage(spec: FitSpec, stage: StageSpec, index: int, engine: Any, encoder
     engine.train(True)
     while state.step < plan.total:
         micro = plan.step(state.step)
+        if stream is not None:
+            objective.rows = plan.rows  # the window this step lies in
         # Per step, so a run resumed mid-stage in a new worker group draws the same dropout masks.
         torch.manual_seed(hash((cfg.seed, rank, index, state.step)) % 2**63)
         lr = lr_at(state.step, plan.total, h.warmup_steps, h.lr)
@@ -295,8 +307,11 @@ def _run_stage(spec: FitSpec, stage: StageSpec, index: int, engine: Any, encoder
         tracker.log(state.step, plan.total, metrics)
         last_step = state.step == plan.total
         checkpoint_due = last_step or state.step % cfg.train.checkpoint_every == 0
+        if state.step == state.restored_from + 1:
+            marks["first_step_at"] = time.time()  # wall clock, like entered_at
         if last_step:
             marks["loop_s"] = time.perf_counter() - loop_start
+            marks.update(_rows_per_rank(plan.reader.rows_read if stream else len(rows), rank, world, device))
             marks["ended_at"] = time.time()  # the driver counts from here to the fit's return: final checkpoint, shutdown
             state.done = True
             summaries[stage.name] = {"phase": stage.phase, "history": state.history, "timing": marks,
@@ -307,6 +322,13 @@ def _run_stage(spec: FitSpec, stage: StageSpec, index: int, engine: Any, encoder
                     checkpoint_due, finished)
             window = []
     tracker.close()
+
+
+def _rows_per_rank(rows: int, rank: int, world: int, device: torch.device) -> dict[str, float]:
+    """The rows each rank read (tokenised), gathered so rank 0's stage summary records them all."""
+    counts = torch.zeros(world, dtype=torch.float64, device=device)
+    counts[rank] = rows
+    return {f"rank{r}_rows": float(c) for r, c in enumerate(_all_reduce(counts).tolist())}
 
 
 def _report(engine: Any, state: TrainerState, metrics: dict[str, float], rank: int, staging: Path,

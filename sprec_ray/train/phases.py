@@ -14,6 +14,7 @@ the single-process reference used by the tests.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tempfile
 import time
@@ -23,11 +24,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ..config import RunConfig
 from ..data.records import DataError
+from ..data.sharding import PromptShards
 from .checkpointing import export_adapter, read_state
 from .loop import FitSpec, StageSpec, train_loop
+from .stream import RankStream, split_rows
 from .tracking import check_logger_available
 
 SFT_COLUMNS = ("prompt", "response")
@@ -49,7 +53,7 @@ class Stage:
 
     phase: Literal["sft", "dpo"]
     name: str
-    dataset: Any  # a pyarrow Table of prompt rows, or a ray.data.Dataset that yields them
+    dataset: Any  # PromptShards (id shards on storage), a pyarrow Table of prompt rows, or a ray.data.Dataset of them
     out_dir: Path
     round: int = 0  # 0 = the warm start; a round's SFT trains at sft.round_lr
 
@@ -143,6 +147,8 @@ def run_fit(cfg: RunConfig, base_model: Path, stages: Sequence[Stage], init_adap
         if s is stages[-1] and "ended_at" in metrics:
             metrics["end_s"] = ended - metrics["ended_at"]
         metrics.pop("ended_at", None)
+        if "first_step_at" in metrics:  # from the fit's start: hand-off, worker start-up, data, first step
+            metrics["first_step_s"] = metrics.pop("first_step_at") - started
         t = time.perf_counter()
         adapter = export_adapter(result.checkpoint, s.out_dir, s.name)
         metrics["export_s"] = time.perf_counter() - t
@@ -151,16 +157,22 @@ def run_fit(cfg: RunConfig, base_model: Path, stages: Sequence[Stage], init_adap
 
 
 def _shards(cfg: RunConfig, stage: Stage, world: int) -> tuple[Any, ...]:
-    """The stage's rows, checked and cut to the columns its phase reads, as one equal slice per worker
-    in the object store (up to world - 1 rows are left over). A Ray Data streaming split cost seconds of
-    actor start-up in every stage of every fit."""
+    """What each rank trains on. A small stage: its rows, checked and cut to the columns its phase reads,
+    as one equal slice per worker in the object store (up to world - 1 rows are left over); a Ray Data
+    streaming split cost seconds of actor start-up in every stage of every fit. An SFT stage of id shards
+    past train.stream_rows: each rank's row ranges, which the worker streams itself (stream.py)."""
     import ray
 
-    table = stage.dataset if isinstance(stage.dataset, pa.Table) else _gather(stage.dataset)
-    if stage.phase == "sft":
-        required, optional = SFT_COLUMNS + (("cf_prompt",) if cfg.sft.cft.enabled else ()), ("row_id",)
+    required, optional = _columns(cfg, stage.phase)
+    if isinstance(stage.dataset, PromptShards) and stage.phase == "sft":
+        files = stage.dataset.files()
+        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        if rows > cfg.train.stream_rows:
+            return _streams(cfg, stage, files, world, required + tuple(optional))
+    if isinstance(stage.dataset, PromptShards):
+        table = stage.dataset.table()
     else:
-        required, optional = DPO_COLUMNS, ()
+        table = stage.dataset if isinstance(stage.dataset, pa.Table) else _gather(stage.dataset)
     missing = [c for c in required if c not in table.column_names]
     if missing:
         raise DataError(f"{stage.phase.upper()} dataset lacks column(s) {missing}; it has {table.column_names}")
@@ -169,6 +181,31 @@ def _shards(cfg: RunConfig, stage: Stage, world: int) -> tuple[Any, ...]:
     if per == 0:
         raise DataError(f"{stage.name}: {table.num_rows} rows for train.num_workers={world} workers")
     return tuple(ray.put(table.slice(rank * per, per)) for rank in range(world))
+
+
+def _columns(cfg: RunConfig, phase: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(required, optional) columns of a phase's prompt rows."""
+    if phase == "sft":
+        return SFT_COLUMNS + (("cf_prompt",) if cfg.sft.cft.enabled else ()), ("row_id",)
+    return DPO_COLUMNS, ()
+
+
+def _streams(cfg: RunConfig, stage: Stage, files: list[str], world: int, columns: tuple[str, ...]) -> tuple[RankStream, ...]:
+    import ray
+
+    if cfg.train.max_tokens_per_batch:
+        raise DataError(f"{stage.name}: train.max_tokens_per_batch packs batches over a whole shard, but this stage streams "
+                        f"(more than train.stream_rows={cfg.train.stream_rows} rows); set max_tokens_per_batch=0 or raise stream_rows")
+    if "cf_prompt" in columns and not stage.dataset.counterfactual:
+        raise DataError(f"{stage.name}: sft.cft.enabled needs cf_prompt, but the stage's PromptShards build none")
+    spans, rows = split_rows(files, world)
+    if rows // world == 0:
+        raise DataError(f"{stage.name}: {rows} rows for train.num_workers={world} workers")
+    step_rows = cfg.sft.batch_size * cfg.sft.grad_accum
+    window = math.ceil(cfg.train.stream_window_rows / step_rows) * step_rows
+    titles = ray.put(list(stage.dataset.titles))
+    shards = dataclasses.replace(stage.dataset, titles=())
+    return tuple(RankStream(s, rows // world, window, titles, shards, columns) for s in spans)
 
 
 def _gather(dataset: Any) -> pa.Table:
