@@ -108,6 +108,9 @@ def measure(path: str, rows: int, log: Path, work: Path, checkout: Path, max_ste
               "first_step_s": round(first_step_s, 1) if first_step_s is not None else None,
               "wall_s": round(wall, 1), "lowest_available_gb": round(sampler.lowest_free / 2**30, 1),
               "stopped": stopped[0] if stopped else ""}
+    prepared = out / "manifests" / "prepare.json"
+    if prepared.exists():
+        result["split_rows"] = int(json.loads(prepared.read_text())["metrics"]["train_rows"])
     manifest = out / "manifests" / "r0_sft.json"
     if manifest.exists():
         metrics = json.loads(manifest.read_text())["metrics"]
@@ -157,9 +160,10 @@ def main() -> None:
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine_name(),
         "fp32_matmul_peak_gflops": peak, "command": " ".join(["python", "benchmarks/train_handoff.py", *sys.argv[1:]]),
         "results": results}, indent=2) + "\n")
-    print("\n| log rows | path | driver peak MB | worker peak MB | first step s | rows per rank | stopped |\n|---|---|---|---|---|---|---|")
+    print("\n| log rows | train split | path | driver peak MB | worker peak MB | first step s | rows read per rank | stopped |\n"
+          "|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['rows']:,} | {r['path']} | {r['driver_peak_rss_mb']} | {r['worker_peak_rss_mb']} | {r['first_step_s']} | "
+        print(f"| {r['rows']:,} | {r.get('split_rows', '')} | {r['path']} | {r['driver_peak_rss_mb']} | {r['worker_peak_rss_mb']} | {r['first_step_s']} | "
               f"{r.get('rank_rows', '')} | {r['stopped']} |")
     print(f"wrote {args.out}")
 
