@@ -1,6 +1,6 @@
 """The one prompt template used by SFT, DPO, generation, evaluation and serving.
 
-SPRec trains, runs DPO and infers on three different renderings (see seeds-spec §2.1); here
+SPRec trains, runs DPO and infers on three different renderings (see docs/method.md#prompts-and-responses); here
 every stage calls `render_prompt` (`render_candidate_prompt` in the candidate task), and the
 response is always '"Title"' followed by EOS.
 """

@@ -3,7 +3,7 @@
 Titles are compared after normalisation: inner whitespace collapsed, ends stripped, case folded.
 * The answer *names* a candidate when the candidate's quoted title, '"Title"', occurs in the
   answer; an answer with no quote character names the candidate equal to its first line. Unlike
-  S-DPO's substring test (`title in answer`, seeds-spec §4.2, §6.6), naming "Ghost" does not name
+  S-DPO's substring test (`title in answer`, docs/method.md#candidate-task-metrics), naming "Ghost" does not name
   "The Ghost Ship". Candidates with equal normalised titles count as one name. The one ambiguity
   left: a title quoted inside another ('"It"' in '"A Child Called "It""') names both.
 * The answer's *first title* is the quoted title that opens at its first quote character (the

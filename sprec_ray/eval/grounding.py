@@ -1,7 +1,7 @@
 """Map generated titles to catalogue items: exact title match first, then embedding neighbours.
 
 SPRec grounds with `torch.cdist` against the whole catalogue and two full `argsort`s per row
-(seeds-spec §4.1, §6 item 20). Here the catalogue is embedded once (L2-normalised, so cosine =
+(docs/method.md#grounding). Here the catalogue is embedded once (L2-normalised, so cosine =
 dot product), queries are processed in chunks whose [chunk, n_items] similarity block stays under
 `max_block_elems` floats, and only the top k of each row is kept (`torch.topk`).
 

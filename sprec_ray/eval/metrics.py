@@ -1,6 +1,6 @@
 """Ranking, diversity, genre-fairness and popularity metrics of grounded recommendation lists.
 
-Definitions follow SPRec's `eval/evaluate.py` (seeds-spec §4.1) with ONE denominator convention
+Definitions follow SPRec's `eval/evaluate.py` (docs/method.md#metrics) with ONE denominator convention
 instead of SPRec's mix of |T| (NDCG, HR, GH) and |T'| (DivRatio, ORRatio, GP):
 
 * Every metric is over **all N rows** passed in. A row whose prediction could not be parsed or

@@ -4,7 +4,7 @@ Per example, each completion (n samples or beams) is parsed (`parse_response`, t
 and grounded (exact title, else the nearest title by embedding). Grounding only classifies it:
 * empty text: skipped (SPRec skips rows with no quoted title);
 * equal to the positive (exact or nearest item == target): `on_equal` decides. "drop" discards it
-  (SPRec's effect: such a pair has zero gradient, seeds-spec §6.3); "popular_random" puts a
+  (SPRec's effect: such a pair has zero gradient, docs/method.md#self-play-negatives); "popular_random" puts a
   popularity-weighted random item in its place;
 * a repeat of a completion already taken for the row, or beyond K: skipped;
 * otherwise it is a negative. `source="generated"` (SPRec) keeps the model's own text: a catalogue

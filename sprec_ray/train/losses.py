@@ -51,7 +51,7 @@ def cft_token_weights(labels: torch.Tensor, beta: float) -> torch.Tensor:
 
 def cft_loss_sum(factual_logits: torch.Tensor, counterfactual_logits: torch.Tensor, labels: torch.Tensor,
                  alpha: float, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """CFT objective numerator (seeds-spec §3.4) and its normaliser.
+    """CFT objective numerator (docs/method.md#cft) and its normaliser.
 
     Returns (sum_t w_t CE(zF_t, y_t) + alpha * sum_t w_t CE(zF_t - zC_t, y_t), sum_t w_t, factual-only
     weighted CE sum). Dividing the first by the second gives L; the third (divided by the same sum)

@@ -1,7 +1,7 @@
 """Per-phase training objectives: what a micro-batch costs, how it is normalised, what it reports.
 
 SFT   : response-token cross-entropy (prompt masked), normalised by the response-token count.
-CFT   : seeds-spec §3.4 counterfactual objective, normalised by the sum of the token weights.
+CFT   : the counterfactual objective (docs/method.md#cft), normalised by the sum of the token weights.
 DPO   : sigmoid DPO (K = 1) or S-DPO (K >= 1), normalised by the number of preference rows.
 
 DPO reference log-probs: the reference model is this round's SFT adapter, which is also where the
