@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -104,9 +103,10 @@ def main() -> None:
     for r in results:  # both paths must agree on what they built
         other = next(o for o in results if o["rows"] == r["rows"] and o["path"] != r["path"])
         assert r["counts"] == other["counts"], (r, other)
-    machine = f"{platform.node()} ({platform.processor() or platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores)"
+    from provenance import provenance
+
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "data_pipeline.json").write_text(json.dumps({"machine": machine, "note": args.note,
+    (RESULTS / "data_pipeline.json").write_text(json.dumps({**provenance(), "note": args.note,
                                                             "results": results}, indent=2) + "\n")
     print("\n| rows | path | wall_s | driver_peak_rss_mb | ray_init_s |\n|---|---|---|---|---|")
     for r in results:

@@ -247,7 +247,10 @@ def main() -> None:
     except ImportError:
         pass
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
+    from provenance import provenance
+
+    fp32_peaks = {1: peaks["fp32_1_thread"] / 1e9, cores: peaks["fp32_all_cores"] / 1e9}
+    out.write_text(json.dumps({**provenance(peak_gflops=fp32_peaks), "meta": meta, "results": rows}, indent=2))
     peak_txt = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in peaks.items())
     print(f"\n### Generation throughput: {args.model}, {args.num_prompts} prompts x {args.repeats} rounds, greedy, "
           f"max_new_tokens {args.max_new_tokens}, adapter {bool(adapter)}, {'GPU' if args.gpu else f'CPU ({cores} cores)'}"

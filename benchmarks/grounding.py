@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -160,9 +159,11 @@ def main() -> None:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    from provenance import provenance
+
     out.write_text(json.dumps({
-        "benchmark": "grounding", "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "machine": platform.machine(), "device": args.device, "k": args.k, "sizes": rows, "minilm": minilm,
+        **provenance(), "benchmark": "grounding", "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "device": args.device, "k": args.k, "sizes": rows, "minilm": minilm,
     }, indent=2))
     print(f"wrote {out}")
 

@@ -122,8 +122,9 @@ def plot(groups: list[tuple[str, list[dict]]], keys: tuple[str, ...], path: Path
 
 def run_one(args: argparse.Namespace, seed: int, variant: str, warm_start: Path) -> None:
     """One run to its final adapter, then its small result JSON (skipped when that JSON exists)."""
+    from provenance import provenance
+
     from sprec_ray.config import load_config
-    from sprec_ray.manifest import machine_name
     from sprec_ray.selfplay import run_selfplay
 
     result = Path(args.results) / f"seed{seed}_{variant}.json"
@@ -143,12 +144,12 @@ def run_one(args: argparse.Namespace, seed: int, variant: str, warm_start: Path)
            for n in sorted(manifests) if n.endswith("_dpo")}
     result.parent.mkdir(parents=True, exist_ok=True)
     result.write_text(json.dumps({
-        "seed": seed, "variant": variant, "rounds": args.rounds, "round_rows": args.round_rows,
+        **provenance(), "seed": seed, "variant": variant, "rounds": args.rounds, "round_rows": args.round_rows,
         "overrides": overrides, "label": rounds[-1]["label"],
         "final": {k: finite(v) for k, v in rounds[-1].items() if k not in ("label", "round")},
         "negatives": {n: {k: finite(v) for k, v in m.items()} for n, m in negatives.items()}, "dpo": dpo,
         "seconds": sum(m["seconds"] for m in manifests.values()), "wall_s_this_sitting": time.time() - started,
-        "machine": machine_name(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }, indent=2))
     print(f"wrote {result}", flush=True)
 
@@ -188,8 +189,10 @@ def report(args: argparse.Namespace, warm_start: Path) -> str:
             + "\n".join(table([(label, found) for label, found in dpo_groups if found], dpo_keys))
             + f"\n\n## Per seed\n\n{per_seed}\n")
     (RESULTS / "quality.md").write_text(text)
+    from provenance import provenance
+
     (RESULTS / "quality.json").write_text(json.dumps({
-        "seeds": seeds, "variants": order, "warm_start": {"adapter": str(warm_start.relative_to(REPO)), **warm_row},
+        **provenance(), "seeds": seeds, "variants": order, "warm_start": {"adapter": str(warm_start.relative_to(REPO)), **warm_row},
         "runs": runs}, indent=2))
     plot(groups, KEYS[:8], RESULTS / "quality_seeds.png")
     return text

@@ -37,6 +37,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
+    from provenance import provenance
 
     from sprec_ray.config import load_config
     from sprec_ray.data.candidates import candidates_of
@@ -99,7 +100,7 @@ def main() -> None:
     quality = {norm: rank_metrics([answer_scores(t, norm) for t in token_lps], lists[:n], [e.target for e in rows[:n]],
                                   (1, 5, 10)) for norm in ("sum", "mean")}
     result = {
-        "machine": machine_name(), "torch_threads": torch.get_num_threads(), "adapter": str(Path(args.adapter).name),
+        **provenance(), "torch_threads": torch.get_num_threads(), "adapter": str(Path(args.adapter).name),
         "candidates": args.candidates, "timing_rows": args.timing_rows,
         "per_row_s": {k: round(v, 3) for k, v in per_row.items()},
         "shared_over_generate": round(per_row["shared"] / per_row["generate"], 3),

@@ -11,6 +11,8 @@ switch) and one training fit (SFT then DPO in one worker group). Runs the real d
     python benchmarks/round_time.py --model smollm2      # SmolLM2-135M on CPU
     python benchmarks/round_time.py --gpu                # on a GPU node (Ray Train + vLLM on GPU)
     python benchmarks/round_time.py --run-dir bench_out/quality/sprec --round 2   # an existing run
+
+Writes benchmarks/results/round_time.json (or --out).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--run-dir", help="read the manifests of this finished run instead of running one")
     parser.add_argument("--round", type=int, default=1, help="which round of --run-dir to split")
-    parser.add_argument("--out", default=str(REPO / "bench_out" / "round_time.json"))
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "round_time.json"))
     args = parser.parse_args()
 
     from sprec_ray.config import load_config
@@ -90,9 +92,11 @@ def main() -> None:
           + (f"; whole run incl. warm start: {total:.1f}s" if total is not None else ""))
     if dpo["metrics"].get("pairs") == 0:
         print("note: this round had no DPO pairs (every self-play prediction dropped), so no DPO stage ran")
+    from provenance import provenance
+
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": args.model, "backend": args.backend, "rows": args.rows, "gpu": args.gpu,
+    out.write_text(json.dumps({**provenance(), "model": args.model, "backend": args.backend, "rows": args.rows, "gpu": args.gpu,
                                "parts_s": rows, "round_s": round_s, "overhead_s": overhead,
                                "overhead_share": overhead / round_s, "actor_startup_s": startup,
                                "run_total_s": total}, indent=2))

@@ -142,7 +142,10 @@ def main() -> None:
         r["reference_ratio"] = r["reference_s"] / other["reference_s"] if other and other["reference_s"] else None
 
     precision = "bf16 autocast" if engine.autocast is not None else cfg.model.dtype
-    report = {"model": "SmolLM2-135M-Instruct", "machine": machine, "threads": args.threads, "precision": precision,
+    from provenance import provenance
+
+    report = {**provenance(peak_gflops={t: v / 1e9 for t, v in peak.items()}), "model": "SmolLM2-135M-Instruct",
+              "threads": args.threads, "precision": precision,
               "frozen_weights": "fp32" if args.frozen_fp32 or engine.autocast is None else "bf16",
               "matmul_peak_gflops_fp32": {str(t): v / 1e9 for t, v in peak.items()}, "rows": args.rows,
               "repeats": args.repeats, "results": results}

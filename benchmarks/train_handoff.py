@@ -23,7 +23,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
@@ -136,6 +135,7 @@ def main() -> None:
     sys.path.insert(0, str(REPO / "benchmarks"))
     from data_pipeline import make_log
     from generate_throughput import matmul_peak
+    from provenance import git_commit, provenance
 
     from sprec_ray.manifest import machine_name
 
@@ -151,14 +151,11 @@ def main() -> None:
         results.append(measure(path, rows, log, args.work, checkout, args.max_steps, args.min_free_gb, args.timeout_s))
         print(json.dumps(results[-1]), flush=True)
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    before = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=args.before, capture_output=True,
-                            text=True).stdout.strip() if args.before else None
+    before = git_commit(args.before) if args.before else None
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "benchmark": "train_handoff", "commit": commit, "before_commit": before,
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine_name(),
-        "fp32_matmul_peak_gflops": peak, "command": " ".join(["python", "benchmarks/train_handoff.py", *sys.argv[1:]]),
+        **provenance(peak_gflops=peak), "benchmark": "train_handoff", "before_commit": before,
+        "fp32_matmul_peak_gflops": peak,
         "results": results}, indent=2) + "\n")
     print("\n| log rows | train split | path | driver peak MB | worker peak MB | first step s | rows read per rank | stopped |\n"
           "|---|---|---|---|---|---|---|---|")

@@ -9,6 +9,7 @@ over workers, over the steps after the first (start-up excluded):
                      start-up, model load, engine init, data, final checkpoint and adapter export).
 
     .venv/bin/python benchmarks/train_throughput.py                      # tiny model, CPU, 2 workers
+                                                  # -> benchmarks/results/train_throughput_cpu.json (_gpu on CUDA)
     .venv/bin/python benchmarks/train_throughput.py --model 0.5b --workers 1 --dtype bfloat16   # GPU
     .venv/bin/python benchmarks/train_throughput.py --prefix-sharing   # SmolLM2, Goodreads prompts
 
@@ -192,7 +193,9 @@ def main() -> None:
                      if (x["phase"], x["backend"], x["log_every"]) == (r["phase"], "ddp", r["log_every"])), None)
         r["vs_ddp"] = r["wall_tokens_per_s"] / base if base else None
     device = torch.cuda.get_device_name(0) if use_gpu else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads in driver)"
-    report = {"model": args.model, "params": n_all, "non_embedding_params": n_nonembed, "device": device,
+    from provenance import provenance
+
+    report = {**provenance(), "model": args.model, "params": n_all, "non_embedding_params": n_nonembed, "device": device,
               "workers": args.workers, "dtype": args.dtype, "rows": len(rows), "batch_size": args.batch_size,
               "grad_accum": args.grad_accum, "max_tokens_per_batch": args.max_tokens, "steps": args.steps,
               "repeats": args.repeats, "results": results}
@@ -305,7 +308,9 @@ def prefix_sharing(args: argparse.Namespace) -> None:
 def _finish(args: argparse.Namespace, work: Path, name: str, machine: str, peak: dict[int, float], report: dict,
             header: str, table: list[str]) -> None:
     """Write the JSON (with the machine and its peak), print the Markdown table, drop the timed runs."""
-    report = {"model": "SmolLM2-135M-Instruct", "machine": machine,
+    from provenance import provenance
+
+    report = {**provenance(peak_gflops={t: v / 1e9 for t, v in peak.items()}), "model": "SmolLM2-135M-Instruct",
               "matmul_peak_gflops_fp32": {str(t): v / 1e9 for t, v in peak.items()}, **report}
     out = Path(args.out or Path(__file__).parent / "results" / name)
     out.parent.mkdir(parents=True, exist_ok=True)
