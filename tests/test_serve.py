@@ -23,13 +23,16 @@ from sprec_ray.serve.schema import (
     RankRequest,
     RecommendRequest,
     RequestError,
+    RerankRequest,
     check_body_size,
     parse_rank_request,
     parse_request,
+    parse_rerank_request,
 )
 from sprec_ray.testing import load_dataset
 
-MAX_HISTORY = 8
+MAX_HISTORY = 8  # serve.max_history: the most a request may send
+PROMPT_HISTORY = 6  # data.max_history: the most the prompt shows (the last ones)
 MAX_K = 100
 
 
@@ -138,31 +141,122 @@ def test_body_size_limit():
     assert info.value.status == 400
 
 
+# Bodies that answered 500 before issue 37, each a few KB: ints past Python's 4,300-digit limit,
+# nesting past the parser's recursion limit, and an unknown field named by a lone surrogate.
+HUGE_INT = b"9" * 5000
+DEEP = b"[" * 5000 + b"]" * 5000
+ONCE_500 = {
+    "recommend": [b'{"history": [1], "k": ' + HUGE_INT + b"}", b'{"history": [' + HUGE_INT + b"]}",
+                  b'{"history": ' + DEEP + b"}", b'{"history": [0], "\\ud800": 1}'],
+    "rank": [b'{"history": [1], "candidates": [2], "k": ' + HUGE_INT + b"}",
+             b'{"history": [1], "candidates": [' + HUGE_INT + b"]}",
+             b'{"history": [1], "candidates": ' + DEEP + b"}", b'{"history": [0], "candidates": [2], "\\ud800": 1}'],
+    "v1/rerank": [b'{"query": "x", "documents": ["y"], "top_n": ' + HUGE_INT + b"}",
+                  b'{"query": "[' + HUGE_INT + b']", "documents": ["y"]}',
+                  b'{"query": "x", "documents": ' + DEEP + b"}", b'{"query": "x", "documents": ["y"], "\\ud800": 1}'],
+}
+
+
+def _error_of(fn, body: bytes) -> RequestError:
+    with pytest.raises(RequestError) as info:
+        fn(body)
+    return info.value
+
+
+@pytest.mark.parametrize("endpoint_name", sorted(ONCE_500))
+def test_bodies_that_once_answered_500_are_client_errors(endpoint_name):
+    parse = {"recommend": lambda b: parse_request(b, CAT, 3, 4),
+             "rank": lambda b: parse_rank_request(b, CAT, 3, 3),
+             "v1/rerank": lambda b: parse_rerank_request(b, CAT, 3, 3)}[endpoint_name]
+    for body in ONCE_500[endpoint_name]:
+        err = _error_of(parse, body)
+        assert 400 <= err.status < 500
+        text = json.dumps(err.to_json(), ensure_ascii=False).encode("utf-8")  # what the response encodes
+        assert len(text) < 300 and b"99999999999999999999" not in text  # no unbounded echo
+
+
+@pytest.mark.parametrize("body, needle", [
+    ({"history": None}, "got null"),
+    ({"history": [0], "k": [1]}, "got an array"),
+    ({"history": [0], "k": {"n": 1}}, "got an object"),
+    ({"history": [0], "k": "3"}, 'got "3"'),
+    ({"history": [0], "exclude_history": None}, "got null"),
+    ({"history": ["x" * 5000]}, "…"),  # a long title is shortened, not echoed
+])
+def test_messages_speak_json_and_stay_short(body, needle):
+    err = _error_of(lambda b: parse_request(b, CAT, 3, 4), json.dumps(body).encode())
+    assert needle in err.message and "NoneType" not in err.message and "list" not in err.message.split("got")[-1]
+    assert len(err.message) < 300
+
+
+def test_number_and_constant_limits_are_json_errors():
+    assert _error_of(lambda b: parse_request(b, CAT, 3, 4), b'{"history": [0], "k": NaN}').status == 400
+    err = _error_of(lambda b: parse_request(b, CAT, 3, 4), b'{"history": [' + b"9" * 4000 + b"]}")
+    assert err.status == 422 and "4000-digit" in err.message  # parsed (under the limit), not echoed
+
+
+def test_parse_rerank_query_forms_and_free_text_documents():
+    req = parse_rerank_request(json.dumps({"query": "Dune\n Emma \n", "documents": [
+        "It", {"text": "1984"}, "A Book Nobody Wrote"], "return_documents": True}).encode(), CAT, 3, 4)
+    assert req == RerankRequest((0, 1), ("It", "1984", "A Book Nobody Wrote"), (3, 2, None), 3, True)
+    by_json = parse_rerank_request(json.dumps({"query": '["Dune", 1]', "documents": ["It"], "top_n": 9,
+                                               "model": None}).encode(), CAT, 3, 4)
+    assert (by_json.history, by_json.top_n) == ((0, 1), 1)  # top_n past the documents: all of them
+
+
+@pytest.mark.parametrize("body, needle", [
+    ({"documents": ["It"]}, "missing required field 'query'"),
+    ({"query": "", "documents": ["It"]}, "'query' is empty"),
+    ({"query": "\n \n", "documents": ["It"]}, "'query' is empty"),
+    ({"query": "Dune\nNope", "documents": ["It"]}, "query[1]: title 'Nope'"),
+    ({"query": "[0, 99]", "documents": ["It"]}, "query[1]: id 99"),
+    ({"query": "[0, null]", "documents": ["It"]}, "query[1] must be an item id"),
+    ({"query": "[0,", "documents": ["It"]}, "'query' starts with '['"),
+    ({"query": "Dune\nEmma\nIt\n1984", "documents": ["It"]}, "limit is 3"),
+    ({"query": "Dune", "documents": []}, "'documents' is empty"),
+    ({"query": "Dune", "documents": ["a", "b", "c", "d", "e"]}, "limit is 4"),
+    ({"query": "Dune", "documents": [" "]}, "documents[0] is blank"),
+    ({"query": "Dune", "documents": [7]}, "documents[0] must be a string"),
+    ({"query": "Dune", "documents": [{"title": "It"}]}, "documents[0]"),
+    ({"query": "Dune", "documents": ["It"], "top_n": 0}, "at least 1"),
+    ({"query": "Dune", "documents": ["It"], "return_documents": "yes"}, "true or false"),
+    ({"query": "Dune", "documents": ["It"], "rank_fields": ["text"]}, "unknown field"),
+])
+def test_parse_rerank_rejects(body, needle):
+    err = _error_of(lambda b: parse_rerank_request(b, CAT, 3, 4), json.dumps(body).encode())
+    assert err.status == 422 and needle in err.message, err.message
+
+
 # ---- run directory -----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def serve_run_dir(tiny_data_dir, tiny_model_dir, tmp_path_factory) -> Path:
-    """A run dir as the self-play driver leaves it: config.yaml + final.json (base + LoRA adapter)."""
+def make_serve_run(run: Path, data_dir: Path, model_dir: Path) -> Path:
+    """A run dir as the self-play driver leaves it: config.yaml + final.json (base + LoRA adapter).
+    The model saw at most PROMPT_HISTORY items (data.max_history), fewer than a request may send."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    run = tmp_path_factory.mktemp("serve_run")
     cfg = load_config(None, [
-        f"output_dir={run}", f"data.path={tiny_data_dir}", "model.name=tiny", "lora.r=8",
+        f"output_dir={run}", f"data.path={data_dir}", "model.name=tiny", "lora.r=8",
+        f"data.max_history={PROMPT_HISTORY}",
         "generation.backend=hf", "generation.max_new_tokens=12", "generation.cpus_per_actor=1",
         "eval.embedder=hash", f"serve.max_history={MAX_HISTORY}", f"serve.max_k={MAX_K}",
         "serve.max_batch_size=8", "serve.batch_wait_timeout_s=0.01", "serve.min_replicas=1", "serve.max_replicas=2",
     ])
     save_config(cfg, run / "config.yaml")
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
     # init_lora_weights=False: random B, so the adapter really changes the model's outputs
     peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
                                                   init_lora_weights=False))
     peft_model.save_pretrained(run / "adapter")
-    (run / "final.json").write_text(json.dumps({"base_model": str(tiny_model_dir), "adapter": "adapter", "round": 1}))
+    (run / "final.json").write_text(json.dumps({"base_model": str(model_dir), "adapter": "adapter", "round": 1}))
     write_catalogue(run, load_dataset(cfg.data, run / "scratch").catalogue, cfg.eval.embedder)
     return run
+
+
+@pytest.fixture(scope="module")
+def serve_run_dir(tiny_data_dir, tiny_model_dir, tmp_path_factory) -> Path:
+    return make_serve_run(tmp_path_factory.mktemp("serve_run"), tiny_data_dir, tiny_model_dir)
 
 
 def test_load_run_reads_final(serve_run_dir, tiny_model_dir):
@@ -486,6 +580,98 @@ def test_rank_endpoint_ranks_the_candidates_it_is_sent(endpoint, catalogue):
                         ({"history": [3], "candidates": [{"id": 4}]}, "candidates[0]")):
         resp = _post(endpoint, bad, path="rank")
         assert resp.status_code == 422 and needle in resp.json()["error"], resp.text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_bodies_that_once_answered_500_get_4xx_over_http(endpoint):
+    for path, bodies in ONCE_500.items():
+        for body in bodies:
+            resp = _post(endpoint, body, path=path)
+            assert 400 <= resp.status_code < 500, (path, body[:60], resp.status_code, resp.text[:300])
+            assert len(resp.content) < 300 and resp.json()["error"], resp.text[:300]
+    # a body in JSON terms gets its answer in JSON terms
+    resp = _post(endpoint, {"history": None})
+    assert resp.status_code == 422 and "got null" in resp.json()["error"] and resp.json()["field"] == "history"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_openapi_documents_the_request_models_with_the_run_bounds(endpoint):
+    import requests
+
+    spec = requests.get(f"{endpoint}/openapi.json", timeout=30).json()
+    schemas = spec["components"]["schemas"]
+    for path, name in (("/recommend", "RecommendBody"), ("/rank", "RankBody"), ("/v1/rerank", "RerankBody")):
+        body = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert body["$ref"] == f"#/components/schemas/{name}"
+        assert schemas[name]["additionalProperties"] is False
+        assert "422" in spec["paths"][path]["post"]["responses"]
+    recommend = schemas["RecommendBody"]["properties"]
+    assert recommend["history"]["maxItems"] == MAX_HISTORY and recommend["k"]["maximum"] == MAX_K
+    assert schemas["RankBody"]["properties"]["candidates"]["maxItems"] == 100  # serve.max_candidates
+    assert {"RecommendResponse", "RankResponse", "RerankResponse", "DocumentObject"} <= set(schemas)
+    assert requests.get(f"{endpoint}/docs", timeout=30).status_code == 200
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_history_past_data_max_history_is_cut_and_says_so(endpoint):
+    history = list(range(MAX_HISTORY))  # accepted (serve.max_history) but longer than the prompt's
+    long = _post(endpoint, {"history": history, "k": 5, "exclude_history": False}).json()
+    short = _post(endpoint, {"history": history[-PROMPT_HISTORY:], "k": 5, "exclude_history": False}).json()
+    assert long["history_cut"] == MAX_HISTORY - PROMPT_HISTORY and short["history_cut"] == 0
+    assert long["items"] == short["items"]  # the model saw the same, most recent, items
+    ranked = _post(endpoint, {"history": history, "candidates": [20, 30]}, path="rank").json()
+    assert ranked["history_cut"] == MAX_HISTORY - PROMPT_HISTORY
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_cohere_clients_rerank_in_log_prob_order(endpoint, catalogue):
+    """The real cohere SDK (v2 posts /v2/rerank, v1 /v1/rerank) against the service: the documents come
+    back in /rank's order for the same history and candidates, i.e. by log-prob."""
+    import math
+
+    import cohere
+
+    titles = catalogue.titles
+    history, candidates = [3, 17, 42], [5, 9, 11, 20, 30, 33]
+    by_rank = _post(endpoint, {"history": history, "candidates": candidates, "k": 4}, path="rank").json()["items"]
+    v2 = cohere.ClientV2(api_key="unused", base_url=endpoint, timeout=120)
+    got = v2.rerank(model="sprec", query="\n".join(titles[i] for i in history),
+                    documents=[titles[c] for c in candidates], top_n=4)
+    assert [candidates[r.index] for r in got.results] == [it["id"] for it in by_rank]
+    for r, it in zip(got.results, by_rank, strict=True):
+        assert r.relevance_score == pytest.approx(math.exp(it["score"]), rel=1e-3) and 0 < r.relevance_score <= 1
+    assert got.id and got.meta.api_version.version == "2"
+
+    # v1: a JSON list of ids as the query, {"text": ...} documents, one not in the catalogue
+    v1 = cohere.Client(api_key="unused", base_url=endpoint, timeout=120)
+    docs = [{"text": titles[c]} for c in candidates] + [{"text": "A Book Nobody Wrote"}]
+    out = v1.rerank(model="sprec", query=json.dumps(history), documents=docs, return_documents=True)
+    assert len(out.results) == len(docs) and sorted(r.index for r in out.results) == list(range(len(docs)))
+    assert [r.relevance_score for r in out.results] == sorted((r.relevance_score for r in out.results), reverse=True)
+    assert all(r.document.text == docs[r.index]["text"] for r in out.results)
+    known = [candidates[r.index] for r in out.results if r.index < len(candidates)]
+    full = _post(endpoint, {"history": history, "candidates": candidates}, path="rank").json()["items"]
+    assert known == [it["id"] for it in full]
+    raw = _post(endpoint, {"query": json.dumps(history), "documents": docs}, path="v1/rerank").json()
+    assert raw["not_in_catalogue"] == [len(candidates)] and raw["model"].endswith("round-1")
+
+    # bad input: the SDK surfaces our 4xx, never a 500
+    with pytest.raises(cohere.core.api_error.ApiError) as info:
+        v2.rerank(model="sprec", query="No Such Book (Vol. 9)", documents=["x"])
+    assert info.value.status_code == 422 and "No Such Book" in json.dumps(info.value.body)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_readyz_says_a_model_replica_answers(endpoint):
+    import requests
+
+    resp = requests.get(f"{endpoint}/readyz", timeout=30)
+    assert resp.status_code == 200 and resp.json()["ready"] is True and resp.json()["round"] == 1
 
 
 def _replica_pids(app: str) -> list[int]:

@@ -1,4 +1,6 @@
-"""Ray Serve application: `POST /recommend`, `POST /rank` and `GET /healthz` over a finished run's model.
+"""Ray Serve application over a finished run's model: `POST /recommend`, `POST /rank`, `POST /v1/rerank`
+(Cohere's rerank API; also `/v2/rerank`, where Cohere's v2 client posts), `GET /healthz` (liveness),
+`GET /readyz` (a model replica answers), `/docs` and `/openapi.json` (the request schemas).
 
 Two ways in:
 * `serve_run(run_dir, overrides)`: what `sprec-ray serve --run DIR` calls (starts/attaches to Ray).
@@ -7,11 +9,13 @@ Two ways in:
 
 Two deployments. `Gateway` (the HTTP ingress, no model) validates each request in its event loop, so
 a bad request never reaches a model or joins a batch, and calls `Recommender`, the replicas that hold
-the engines, through a handle. Both endpoints are pure functions of the request, so when a replica
+the engines, through a handle. The endpoints are pure functions of the request, so when a replica
 dies holding one the gateway sends it once more, to a live replica; with none up within
 serve.retry_timeout_s the client gets 503 + Retry-After, never a 500. Replicas batch requests with
 `@serve.batch`, run a batch off the event loop in one generate (+ ground) or one scoring call, and
-autoscale between serve.min_replicas and serve.max_replicas.
+autoscale between serve.min_replicas and serve.max_replicas. On SIGTERM or Ctrl-C, `sprec-ray serve`
+drains: the gateway refuses new requests (503 + Retry-After), the accepted ones are answered (up to
+DRAIN_TIMEOUT_S), then Serve shuts down.
 """
 
 from __future__ import annotations
@@ -19,14 +23,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
@@ -34,14 +43,20 @@ from ray.serve.handle import DeploymentHandle
 from ..config import ConfigError
 from ..runtime import worker_env
 from .recommender import Prompts, Recommender, RunInfo, load_run, serving_generation
+from .responses import ErrorResponse, RankResponse, ReadyResponse, RecommendResponse, RerankResponse
 from .schema import (
     MAX_BODY_BYTES,
     RankRequest,
     RecommendRequest,
     RequestError,
+    RerankRequest,
     check_body_size,
     parse_rank_request,
     parse_request,
+    parse_rerank_request,
+    rank_body,
+    recommend_body,
+    rerank_body,
 )
 
 log = logging.getLogger("sprec_ray.serve")
@@ -49,8 +64,9 @@ APP_NAME = "sprec"
 BUILD_ARGS = ("run_dir", "overrides")
 QUEUED_BATCHES = 8  # per replica; see deployment_options
 RETRY_AFTER_S = 10  # what a 503 tells the client: about a CPU replica's restart
-
-api = FastAPI(title="sprec-ray recommender")
+READY_TIMEOUT_S = 2.0  # /readyz: a replica that cannot take a ping this fast cannot take traffic either
+DRAIN_TIMEOUT_S = 25.0  # SIGTERM: in-flight requests get this long (under Kubernetes' default 30 s grace)
+ENDPOINTS = "POST /recommend, POST /rank, POST /v1/rerank, GET /healthz, GET /readyz, GET /docs"
 
 
 class ReplicasUnavailable(Exception):
@@ -71,7 +87,7 @@ async def _read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
 
 @serve.deployment(name="Recommender")
 class RecommenderReplica:
-    """One engine + grounder; batches /recommend and /rank requests separately."""
+    """One engine + grounder; batches /recommend, /rank and /v1/rerank requests separately."""
 
     def __init__(self, run_dir: str, overrides: Sequence[str] = ()) -> None:
         logging.basicConfig(level=logging.INFO)
@@ -79,7 +95,7 @@ class RecommenderReplica:
         self.core = Recommender(run)
         # One thread runs the engine: a /recommend and a /rank batch must not switch or use it at once.
         self.engine_thread = ThreadPoolExecutor(1, thread_name_prefix="engine")
-        for batched in (self.recommend, self.rank):
+        for batched in (self.recommend, self.rank, self.rerank):
             batched.set_max_batch_size(run.cfg.serve.max_batch_size)
             batched.set_batch_wait_timeout_s(run.cfg.serve.batch_wait_timeout_s)
 
@@ -92,9 +108,17 @@ class RecommenderReplica:
     async def rank(self, reqs: list[RankRequest]) -> list[dict[str, Any]]:
         return await asyncio.get_running_loop().run_in_executor(self.engine_thread, self.core.rank, reqs)
 
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def rerank(self, reqs: list[RerankRequest]) -> list[dict[str, Any]]:
+        return await asyncio.get_running_loop().run_in_executor(self.engine_thread, self.core.rerank, reqs)
+
+    async def ping(self) -> int:
+        """/readyz: answered on the event loop, so a replica that is up answers even mid-batch."""
+        return self.core.run.round
+
 
 @serve.deployment(name="Gateway", max_ongoing_requests=1000)
-@serve.ingress(api)
+@serve.ingress()  # the FastAPI app is built per replica (__serve_build_asgi_app__): its schemas carry the run's bounds
 class Gateway:
     def __init__(self, run_dir: str, overrides: Sequence[str], model: DeploymentHandle) -> None:
         logging.basicConfig(level=logging.INFO)
@@ -102,30 +126,66 @@ class Gateway:
         self.prompts = Prompts(self.run)
         self.model = model
         self.started = time.time()
+        self.model_name = f"{self.run.run_dir.name}/round-{self.run.round}"
+        self.in_flight = 0  # requests past the drain check and not yet answered
+        self.draining = False
 
-    @api.get("/healthz")
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_api(self)
+
     def healthz(self) -> dict[str, Any]:
         return {"status": "ok", "round": self.run.round, "items": len(self.prompts.catalogue),
                 "task": self.run.cfg.data.task, "backend": self.prompts.gen_cfg.backend,
                 "adapter": self.run.adapter is not None, "uptime_s": round(time.time() - self.started, 1)}
 
-    @api.post("/recommend")
-    async def recommend(self, request: Request) -> JSONResponse:
-        s = self.run.cfg.serve
-        return await self._answer(request, "recommend", lambda body: parse_request(
-            body, self.prompts.catalogue, s.max_history, s.max_k), self.prompts.check_recommend)
+    async def readyz(self) -> JSONResponse:
+        reason = "shutting down" if self.draining else await self._ping()
+        body = {"ready": reason is None, "round": self.run.round, "reason": reason}
+        if reason is None:
+            return JSONResponse(body)
+        return JSONResponse(body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
 
-    @api.post("/rank")
-    async def rank(self, request: Request) -> JSONResponse:
-        s = self.run.cfg.serve
-        return await self._answer(request, "rank", lambda body: parse_rank_request(
-            body, self.prompts.catalogue, s.max_history, s.max_candidates), self.prompts.check_rank)
+    async def _ping(self) -> str | None:
+        """None when a model replica answers within READY_TIMEOUT_S, else why not. Sent twice: the
+        router may first pick a replica that just died."""
+        from ray.exceptions import ActorUnavailableError, RayActorError
 
-    async def _answer(self, request: Request, method: str, parse, check) -> JSONResponse:
+        reason = None
+        for _ in range(2):
+            response = self.model.ping.remote()
+
+            async def answer(response=response) -> int:
+                return await response
+
+            try:
+                await asyncio.wait_for(answer(), READY_TIMEOUT_S)
+                return None
+            except TimeoutError:
+                response.cancel()
+                return f"no model replica answered within {READY_TIMEOUT_S}s"
+            except (RayActorError, ActorUnavailableError) as err:
+                reason = f"model replica lost ({type(err).__name__})"
+        return reason
+
+    def drain(self) -> int:
+        """Refuse new requests (503) from now on; returns the number still in flight."""
+        self.draining = True
+        return self.in_flight
+
+    def pending(self) -> int:
+        return self.in_flight
+
+    async def answer(self, request: Request, method: str, parse: Callable[[bytes], Any],
+                     check: Callable[[Any], None], wrap: Callable[[dict], dict] | None = None) -> JSONResponse:
+        if self.draining:
+            return JSONResponse({"error": "the service is shutting down; retry on another instance"}, status_code=503,
+                                headers={"Retry-After": str(RETRY_AFTER_S), "Connection": "close"})
+        self.in_flight += 1
         try:
             req = parse(await _read_body(request))
             check(req)
-            return JSONResponse(await self._call(method, req))
+            body = await self._call(method, req)
+            return JSONResponse(wrap(body) if wrap else body)
         except RequestError as err:
             return JSONResponse(err.to_json(), status_code=err.status)
         except ReplicasUnavailable as err:
@@ -134,8 +194,15 @@ class Gateway:
             # The trace goes to the replica log, never to the client.
             log.exception("%s failed", method)
             return JSONResponse({"error": f"internal error in /{method}; see the server log"}, status_code=500)
+        finally:
+            self.in_flight -= 1
 
-    async def _call(self, method: str, req: RecommendRequest | RankRequest) -> dict[str, Any]:
+    def rerank_envelope(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The fields Cohere's clients read around the results."""
+        return {"id": uuid.uuid4().hex, "model": self.model_name, **body,
+                "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}}}
+
+    async def _call(self, method: str, req: RecommendRequest | RankRequest | RerankRequest) -> dict[str, Any]:
         """The model's answer; sent once more when the replica holding it died (the router drops a
         dead replica, so the retry goes to a live one, or waits for a new one)."""
         from ray.exceptions import ActorUnavailableError, RayActorError
@@ -156,6 +223,74 @@ class Gateway:
             raise ReplicasUnavailable(f"no recommender replica answered within serve.retry_timeout_s="
                                       f"{self.run.cfg.serve.retry_timeout_s}s after its replica was lost "
                                       f"({type(err).__name__}); retry later") from None
+
+
+_ERRORS = {400: "the body is not JSON or not a JSON object", 409: "this run cannot answer this endpoint",
+           413: "the body is over 64 KiB", 422: "a field is invalid; `field` names it",
+           503: "no model replica can answer now, or the service is shutting down (see Retry-After)"}
+
+
+def build_api(gw: Gateway) -> FastAPI:
+    """The HTTP API of one gateway replica. Bodies are read and validated by the run's pydantic models
+    (schema.py), not by FastAPI, so that size limits and error messages stay ours; the same models
+    are the request schemas in openapi.json."""
+    s = gw.run.cfg.serve
+    catalogue = gw.prompts.catalogue
+    api = FastAPI(title="sprec-ray recommender", version="1",
+                  description=f"Run {gw.run.run_dir.name}, round {gw.run.round}: {len(catalogue)} catalogue items.")
+    errors: dict[int | str, dict[str, Any]] = {
+        code: {"model": ErrorResponse, "description": text} for code, text in _ERRORS.items()}
+    bodies = [recommend_body(s.max_history, s.max_k), rank_body(s.max_history, s.max_candidates),
+              rerank_body(s.max_candidates)]
+
+    def body_of(model: type[BaseModel]) -> dict[str, Any]:
+        ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+        return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+    @api.get("/healthz")
+    def healthz() -> dict[str, Any]:
+        """Liveness: the gateway answers (says nothing about the model replicas; see /readyz)."""
+        return gw.healthz()
+
+    @api.get("/readyz", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}})
+    async def readyz() -> JSONResponse:
+        """Readiness: 200 when a model replica answers a ping within 2 s, else 503 with the reason."""
+        return await gw.readyz()
+
+    @api.post("/recommend", response_model=RecommendResponse, responses=errors, openapi_extra=body_of(bodies[0]))
+    async def recommend(request: Request) -> JSONResponse:
+        """Items from the whole catalogue for a history: generate, then ground to the catalogue."""
+        return await gw.answer(request, "recommend", lambda body: parse_request(
+            body, catalogue, s.max_history, s.max_k), gw.prompts.check_recommend)
+
+    @api.post("/rank", response_model=RankResponse, responses=errors, openapi_extra=body_of(bodies[1]))
+    async def rank(request: Request) -> JSONResponse:
+        """The client's candidates (catalogue items) by the log-prob of answering each."""
+        return await gw.answer(request, "rank", lambda body: parse_rank_request(
+            body, catalogue, s.max_history, s.max_candidates), gw.prompts.check_rank)
+
+    async def rerank(request: Request) -> JSONResponse:
+        """Cohere's rerank API over /rank's scoring: the query is the history, documents are titles
+        (free text allowed)."""
+        return await gw.answer(request, "rerank", lambda body: parse_rerank_request(
+            body, catalogue, s.max_history, s.max_candidates), gw.prompts.check_rank, gw.rerank_envelope)
+
+    # /v1/rerank is the path vLLM, Jina and Cohere's v1 client use; Cohere's v2 client posts to /v2/rerank.
+    for path in ("/v1/rerank", "/v2/rerank"):
+        api.add_api_route(path, rerank, methods=["POST"], response_model=RerankResponse, responses=errors,
+                          openapi_extra=body_of(bodies[2]), include_in_schema=path == "/v1/rerank")
+
+    _, defs = models_json_schema([(m, "validation") for m in bodies], ref_template="#/components/schemas/{model}")
+
+    def openapi() -> dict[str, Any]:
+        if api.openapi_schema is None:
+            schema = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+            api.openapi_schema = schema
+        return api.openapi_schema
+
+    api.openapi = openapi  # type: ignore[method-assign]
+    return api
 
 
 def deployment_options(run: RunInfo) -> dict[str, Any]:
@@ -201,7 +336,8 @@ def build_app(args: dict[str, Any]) -> Application:
 
 def serve_run(run_dir: str | Path, cfg_overrides: Sequence[str] = (), block: bool = True) -> str:
     """Deploy the endpoint for `run_dir` on cfg.serve.host:port and return its base URL.
-    block=True serves until Ctrl-C (then shuts Serve down); False returns once replicas are up."""
+    block=True serves until Ctrl-C or SIGTERM (then drains and shuts Serve down); False returns once
+    replicas are up."""
     from ..runtime import init_ray
 
     run = load_run(run_dir, cfg_overrides)
@@ -209,14 +345,17 @@ def serve_run(run_dir: str | Path, cfg_overrides: Sequence[str] = (), block: boo
     s = run.cfg.serve
     url = f"http://{s.host}:{s.port}"
     serve.start(proxy_location=s.proxy_location, http_options={"host": s.host, "port": s.port})
+    if block and threading.current_thread() is threading.main_thread():
+        # docker stop, Kubernetes and systemd send SIGTERM: take the same clean path as Ctrl-C. Set
+        # after ray.init, whose own handler would otherwise abort the process with a stack dump.
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         serve.run(build_app({"run_dir": str(run.run_dir), "overrides": list(cfg_overrides)}),
                   name=APP_NAME, route_prefix="/")
-        log.info("serving %s at %s (POST /recommend, POST /rank, GET /healthz)", run.run_dir, url)
+        log.info("serving %s at %s (%s)", run.run_dir, url, ENDPOINTS)
         if not block:
             return url
-        print(f"serving {run.run_dir} at {url}  (POST /recommend, POST /rank, GET /healthz); Ctrl-C to stop",
-              flush=True)
+        print(f"serving {run.run_dir} at {url}  ({ENDPOINTS}); Ctrl-C or SIGTERM to stop", flush=True)
         while True:
             # Short sleeps: a Ctrl-C the kernel hands to one of Ray's threads only raises
             # KeyboardInterrupt here once the main thread wakes up.
@@ -225,5 +364,35 @@ def serve_run(run_dir: str | Path, cfg_overrides: Sequence[str] = (), block: boo
         # A second Ctrl-C must not cut the shutdown short: Serve apps outlive their driver, and one
         # left running holds the cluster's CPUs.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print(f"stopping: draining requests in flight (at most {DRAIN_TIMEOUT_S:.0f}s), then shutting Serve down",
+              flush=True)
+        drain(DRAIN_TIMEOUT_S)
         serve.shutdown()
+        print("stopped", flush=True)
     return url
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def drain(timeout_s: float, app: str = APP_NAME) -> int:
+    """Make the gateway refuse new requests (503 + Retry-After) and wait, up to `timeout_s`, for those
+    it accepted to be answered. Returns how many were still in flight at the deadline."""
+    try:
+        gateway = serve.get_deployment_handle("Gateway", app)
+        left = gateway.drain.remote().result(timeout_s=timeout_s)
+    except Exception as err:  # not deployed (Ctrl-C during the deploy), or its replica is gone
+        log.warning("drain: no gateway to drain (%s)", type(err).__name__)
+        return 0
+    deadline = time.monotonic() + timeout_s
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = gateway.pending.remote().result(timeout_s=timeout_s)
+    # A handler that just returned may still be sending its response through the proxy, which
+    # serve.shutdown() stops at once.
+    time.sleep(1.0)
+    if left:
+        log.warning("drain: %d request(s) still in flight after %.0fs; shutting down anyway", left, timeout_s)
+    return left

@@ -4,7 +4,8 @@ No Ray and no HTTP here, so a replica is a thin shell around `Recommender`:
 * `recommend`: history ids -> `render_prompt` -> generate (greedy, or n beams/samples) ->
   `parse_response` -> `Grounder.ground` against the catalogue (history excluded on request) -> one list;
 * `rank`: history + the client's candidates -> the run's own prompt (the candidate prompt in a
-  candidate-task run) -> log p('"Title"' + EOS) of every candidate (generate/scoring.py) -> sorted.
+  candidate-task run) -> log p('"Title"' + EOS) of every candidate (generate/scoring.py) -> sorted;
+* `rerank`: the same scores for `/v1/rerank`, whose documents may be free text, not catalogue titles.
 `Prompts` renders and length-checks requests; the gateway uses it alone, without loading the model.
 """
 
@@ -30,7 +31,7 @@ from ..eval.grounding import normalise_title
 from ..generate.backends import resolve_backend
 from ..generate.scoring import answer_scores, candidate_rows, check_answer_lengths
 from ..models.base import model_dir
-from .schema import RankRequest, RecommendRequest, RequestError
+from .schema import RankRequest, RecommendRequest, RequestError, RerankRequest
 
 log = logging.getLogger("sprec_ray.serve")
 
@@ -132,16 +133,25 @@ class Prompts:
     def _history(self, history: Sequence[int]) -> list[str]:
         return [self.catalogue.titles[i] for i in history[-self.prompt_history:]]
 
+    def history_cut(self, history: Sequence[int]) -> int:
+        """How many of the oldest history items the prompt leaves out (responses report it)."""
+        return max(0, len(history) - self.prompt_history)
+
+    def candidate_titles(self, req: RankRequest | RerankRequest) -> list[str]:
+        """The answers to score: catalogue titles for /rank, the documents' texts for /v1/rerank."""
+        if isinstance(req, RerankRequest):
+            return list(req.documents)
+        return [self.catalogue.titles[c] for c in req.candidates]
+
     def recommend(self, req: RecommendRequest) -> str:
         if self.task == "candidates":
             raise RequestError(409, "this run was trained on the candidate task (choose one of a listed set), so it "
                                     "cannot name items from the whole catalogue: POST /rank with your candidates")
         return render_prompt(self._history(req.history), self.item_noun)
 
-    def rank(self, req: RankRequest) -> str:
+    def rank(self, req: RankRequest | RerankRequest) -> str:
         if self.task == "candidates":
-            return render_candidate_prompt(self._history(req.history), [self.catalogue.titles[c] for c in req.candidates],
-                                           self.item_noun)
+            return render_candidate_prompt(self._history(req.history), self.candidate_titles(req), self.item_noun)
         return render_prompt(self._history(req.history), self.item_noun)
 
     def check_recommend(self, req: RecommendRequest) -> None:
@@ -152,13 +162,14 @@ class Prompts:
             raise RequestError(422, f"the history renders to a {n}-token prompt; this model accepts at most "
                                     f"{limit} (shorten the history or use shorter titles)", "history")
 
-    def check_rank(self, req: RankRequest) -> None:
-        rows = candidate_rows(self.tokenizer, [self.rank(req)], [[self.catalogue.titles[c] for c in req.candidates]])
+    def check_rank(self, req: RankRequest | RerankRequest) -> None:
+        field = "documents" if isinstance(req, RerankRequest) else "candidates"
+        rows = candidate_rows(self.tokenizer, [self.rank(req)], [self.candidate_titles(req)])
         try:
             check_answer_lengths(rows, self.gen_cfg.max_model_len)
         except ValueError as err:
             raise RequestError(422, f"the request does not fit the model: {err} (send a shorter history, or fewer "
-                                    f"or shorter candidates)", "candidates") from None
+                                    f"or shorter {field})", field) from None
 
 
 class Recommender:
@@ -182,24 +193,45 @@ class Recommender:
         log.info("serving %s round %d (%s backend, %d items)", run.run_dir, run.round, self.gen_cfg.backend,
                  len(self.catalogue))
 
-    def rank(self, reqs: Sequence[RankRequest]) -> list[dict[str, Any]]:
-        """One response body per request: its candidates by descending log-prob, the top k; one scoring
-        call per batch."""
-        titles = self.catalogue.titles
+    def _scores(self, reqs: Sequence[RankRequest | RerankRequest]) -> list[tuple[np.ndarray, list]]:
+        """Per request: each answer's score (log-prob, normalised per cfg.eval.logprob_norm) and its
+        token log-probs; one scoring call per batch."""
         token_lps = self.backend.candidate_logprobs([self.prompts.rank(r) for r in reqs],
-                                                    [[titles[c] for c in r.candidates] for r in reqs],
+                                                    [self.prompts.candidate_titles(r) for r in reqs],
                                                     self.adapter_dir, self.adapter_id)
+        return [(answer_scores(lps, self.logprob_norm), lps) for lps in token_lps]
+
+    def rank(self, reqs: Sequence[RankRequest]) -> list[dict[str, Any]]:
+        """One response body per request: its candidates by descending log-prob, the top k."""
         out = []
-        for req, lps in zip(reqs, token_lps, strict=True):
-            scores = answer_scores(lps, self.logprob_norm)
+        for req, (scores, lps) in zip(reqs, self._scores(reqs), strict=True):
             order = ranked(scores)[: req.k]
             out.append({
                 "items": [{**self._item(req.candidates[i], scores[i]), "logprob": round(float(sum(lps[i])), 6),
                            "tokens": len(lps[i])} for i in order],
                 "scoring": f"logprob-{self.logprob_norm}",
                 "dropped": list(req.dropped),
+                "history_cut": self.prompts.history_cut(req.history),
                 "round": self.run.round,
             })
+        return out
+
+    def rerank(self, reqs: Sequence[RerankRequest]) -> list[dict[str, Any]]:
+        """`/v1/rerank` results: documents by descending log-prob, the top n. relevance_score is
+        exp(score), the (geometric-mean with logprob-mean) probability of answering the document:
+        the same order as the log-prob, in the 0..1 range rerank clients expect."""
+        out = []
+        for req, (scores, _) in zip(reqs, self._scores(reqs), strict=True):
+            results = []
+            for i in ranked(scores)[: req.top_n]:
+                result: dict[str, Any] = {"index": int(i), "relevance_score": float(np.exp(scores[i])),
+                                          "logprob": round(float(scores[i]), 6)}
+                if req.return_documents:
+                    result["document"] = {"text": req.documents[i]}
+                results.append(result)
+            out.append({"results": results, "scoring": f"logprob-{self.logprob_norm}",
+                        "not_in_catalogue": [i for i, item in enumerate(req.item_ids) if item is None],
+                        "history_cut": self.prompts.history_cut(req.history), "round": self.run.round})
         return out
 
     def recommend(self, reqs: Sequence[RecommendRequest]) -> list[dict[str, Any]]:
@@ -240,6 +272,7 @@ class Recommender:
                 "items": [self._item(item, score) for item, score in ranked],
                 "generated": parsed[i],
                 "source": source,
+                "history_cut": self.prompts.history_cut(reqs[i].history),
                 "round": self.run.round,
             })
         return out
