@@ -119,6 +119,8 @@ class DPOConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    # Ray Train workers per fit. 0 trains in the driver process (Ray Train's local mode: no process
+    # group, plain torch): for debugging on one machine, and the single-process reference of the tests.
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 0.5  # fractional on purpose: whole CPUs starve Ray Data on small nodes
@@ -277,7 +279,7 @@ OPERATIONAL_KEYS = (
 def _check_cross_fields(cfg: RunConfig) -> None:
     positive = {
         "data.max_history": cfg.data.max_history, "data.num_shards": cfg.data.num_shards,
-        "lora.r": cfg.lora.r, "train.num_workers": cfg.train.num_workers,
+        "lora.r": cfg.lora.r,
         "generation.num_actors": cfg.generation.num_actors, "generation.n": cfg.generation.n,
         "generation.max_new_tokens": cfg.generation.max_new_tokens,
         "sft.batch_size": cfg.sft.batch_size, "dpo.batch_size": cfg.dpo.batch_size,
@@ -345,6 +347,11 @@ def _check_cross_fields(cfg: RunConfig) -> None:
     for key, value in {"lora.dropout": cfg.lora.dropout, "dpo.lora_dropout": cfg.dpo.lora_dropout}.items():
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"{key} must be in [0, 1), got {value}")
+    if cfg.train.num_workers < 0:
+        raise ConfigError(f"train.num_workers must be >= 0 (0 = one process, in the driver), got {cfg.train.num_workers}")
+    if cfg.train.num_workers == 0 and cfg.train.zero_stage != 0:
+        raise ConfigError(f"train.num_workers=0 trains in the driver process, without DeepSpeed: it needs "
+                          f"train.zero_stage=0, got {cfg.train.zero_stage}")
     if cfg.train.stream_rows < 0:
         raise ConfigError(f"train.stream_rows must be >= 0 (0 = always stream), got {cfg.train.stream_rows}")
     if cfg.train.stream_window_rows < 1:

@@ -47,6 +47,8 @@ def test_save_then_load_round_trips(tmp_path):
     (["dpo.lora_dropout=1.0"], r"dpo.lora_dropout must be in \[0, 1\), got 1.0"),
     (["train.max_tokens_per_batch=-5"], r"train.max_tokens_per_batch must be >= 0"),
     (["train.stream_rows=-1"], r"train.stream_rows must be >= 0"),
+    (["train.num_workers=-1"], r"train.num_workers must be >= 0 \(0 = one process, in the driver\), got -1"),
+    (["train.num_workers=0"], r"train.num_workers=0 trains in the driver process, without DeepSpeed: it needs train.zero_stage=0"),
     (["train.stream_window_rows=0"], r"train.stream_window_rows must be >= 1"),
     (["model.attn_implementation=flash"], r"model.attn_implementation = 'flash' is not allowed"),
     (["output_dir=s3://bucket/run"], r"output_dir='s3://bucket/run' must be a filesystem path every node mounts"),

@@ -15,7 +15,7 @@ from sprec_ray.data.catalogue import load_sprec_catalogue
 from sprec_ray.data.prepared import examples_from_table, open_prepared, prepare_dataset, sample_examples
 from sprec_ray.data.readers import read_sprec_json
 from sprec_ray.data.records import DataError
-from sprec_ray.data.sharding import prompt_dataset
+from sprec_ray.data.sharding import PromptShards
 from sprec_ray.testing import load_dataset, read_interactions
 
 
@@ -143,11 +143,11 @@ def test_a_json_test_file_is_the_test_split_and_a_missing_one_none(tiny_data_dir
 
 
 @pytest.mark.timeout(180)
-def test_prompts_from_the_shards_with_two_ray_data_workers(tmp_path, ray_session):
+def test_prompts_from_the_prepared_shards(tmp_path, ray_session):
     pq.write_table(_log(2000, 100, 40, seed=2), tmp_path / "log.parquet")
     data = prepare_dataset(DataConfig(path=str(tmp_path / "log.parquet"), format="interactions", num_shards=4),
                            tmp_path / "prep", tmp_path)
-    rows = prompt_dataset(data.split_dir("train"), data.catalogue, "books", max_workers=2).take_all()
+    rows = PromptShards(str(data.split_dir("train")), data.catalogue.titles, "books").table().to_pylist()
     assert sorted(r["row_id"] for r in rows) == [e.row_id for e in _all(data, "train")]
     assert all(r["prompt"].endswith("### Response:\n") for r in rows)
 

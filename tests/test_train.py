@@ -22,7 +22,7 @@ from sprec_ray.data.prompts import render_prompt, render_response
 from sprec_ray.runtime import extension_cache
 from sprec_ray.testing import run_dpo, run_sft
 from sprec_ray.train.checkpointing import read_state
-from sprec_ray.train.phases import PhaseResult, Stage, run_fit, with_train
+from sprec_ray.train.phases import PhaseResult, Stage, run_fit
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ _BASE = ["seed=3", "lora.r=4", "lora.alpha=8", "lora.dropout=0.0", "model.max_re
 
 
 def _cfg(out: Path, *overrides: str, workers: int = 2):
-    return with_train(load_config(None, [f"output_dir={out}", *_BASE, *overrides]), num_workers=workers)
+    return load_config(None, [f"output_dir={out}", *_BASE, *overrides, f"train.num_workers={workers}"])
 
 
 def _losses(result: PhaseResult) -> list[float]:
@@ -175,14 +175,13 @@ def test_prefix_shared_sdpo_on_ddp_and_zero3_matches_separate_rows_in_one_proces
 
 @pytest.mark.timeout(400)
 def test_cft_then_sdpo_in_one_fit_on_ddp_then_dpo_with_dropout_on_zero2(tiny_data, tiny_model_dir, tmp_path, ray_session):
-    from sprec_ray.data.sharding import prompt_dataset, write_examples_parquet
+    from sprec_ray.data.sharding import PromptShards, write_examples_parquet
 
     examples = tiny_data.train[:16]
     n = len(tiny_data.catalogue)
     negatives = [[(e.target + 1) % n, (e.target + 7) % n] for e in examples]
     write_examples_parquet(examples, tmp_path / "shards", num_shards=2, negatives=negatives)
-    # materialised once: both stages reuse the blocks instead of restarting the prompt-builder actor
-    ds = prompt_dataset(tmp_path / "shards", tiny_data.catalogue, "books", counterfactual=True).materialize()
+    ds = PromptShards(str(tmp_path / "shards"), tiny_data.catalogue.titles, "books", counterfactual=True)
 
     # One worker group: CFT, one full-shard step per epoch (8 rows per worker), with LoRA dropout 0.1;
     # then S-DPO from those weights, steps of 2 x 3 rows then 1 x 2 rows, so the partial last step of
@@ -213,9 +212,9 @@ def test_cft_then_sdpo_in_one_fit_on_ddp_then_dpo_with_dropout_on_zero2(tiny_dat
 
     # With dropout in DPO the policy's first forward already differs from the reference pass (by less with
     # prefix-shared rows: chosen and rejected share the prompt's dropout mask, so it cancels in part).
-    dropout = with_train(load_config(None, [*_BASE, f"output_dir={tmp_path}", "dpo.lora_dropout=0.5", "dpo.loss=sdpo",
-                                            "dpo.num_negatives=2", "dpo.max_steps=2", "dpo.batch_size=4", "dpo.grad_accum=1",
-                                            "train.zero_stage=2"]), num_workers=2)
+    dropout = load_config(None, [*_BASE, f"output_dir={tmp_path}", "dpo.lora_dropout=0.5", "dpo.loss=sdpo",
+                                 "dpo.num_negatives=2", "dpo.max_steps=2", "dpo.batch_size=4", "dpo.grad_accum=1",
+                                 "train.zero_stage=2", "train.num_workers=2"])
     noisy = read_state(_ckpt(run_dpo(dropout, tiny_model_dir, ds, tmp_path / "noisy", cft.adapter_dir, "noisy"))).history
     # Without dropout the first rewards above are exactly 0; with it these draws give about 1e-3.
     assert len(noisy) == 2 and max(abs(noisy[0]["chosen_reward"]), abs(noisy[0]["rejected_reward"])) > 1e-5

@@ -1,8 +1,9 @@
-"""Examples -> sharded Parquet -> Ray Data prompt building (`map_batches`), so prep scales out.
+"""Examples -> sharded Parquet of ids -> prompt rows (`PromptBuilder`), built where the fit decides.
 
-The Parquet files hold ids; titles are attached by `PromptBuilder` on the workers, which is the step
-that grows with the catalogue and the number of rows. The one text column is `rejected_text`: a DPO
-negative the model generated may be no catalogue title, so it travels as text.
+The Parquet files hold ids; titles are attached by `PromptBuilder`: in the driver for a small stage,
+on each Ray Train worker as it streams its share for a large one (train/stream.py). The one text
+column is `rejected_text`: a DPO negative the model generated may be no catalogue title, so it
+travels as text.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .candidates import candidates_of
-from .catalogue import Catalogue
 from .prompts import render_candidate_prompt, render_prompt, render_response
 from .records import Example
 
@@ -124,20 +124,3 @@ class PromptShards:
     def table(self) -> pa.Table:
         """Every prompt row, built in this process: a round's few hundred rows take milliseconds."""
         return self.builder()(pq.read_table(self.directory))
-
-
-def prompt_table(shards: str | Path, catalogue: Catalogue, item_noun: str, counterfactual: bool = False,
-                 candidates: tuple[int, int] | None = None) -> pa.Table:
-    """`prompt_dataset`'s rows built in this process."""
-    return PromptShards(str(shards), catalogue.titles, item_noun, counterfactual, candidates).table()
-
-
-def prompt_dataset(source, catalogue: Catalogue, item_noun: str, counterfactual: bool = False, max_workers: int = 4,
-                   candidates: tuple[int, int] | None = None):
-    """A Ray Dataset of prompt rows: `map_batches` over Parquet shards (a directory) or a Dataset of
-    id rows, on an actor pool that grows from 1 to `max_workers` with the backlog."""
-    import ray.data
-
-    ds = ray.data.read_parquet(str(source)) if isinstance(source, str | Path) else source
-    return ds.map_batches(PromptBuilder, fn_constructor_args=(catalogue.titles, item_noun, counterfactual, candidates),
-                          batch_format="pyarrow", batch_size=256, concurrency=(1, max_workers), num_cpus=0.25)

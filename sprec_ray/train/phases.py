@@ -7,8 +7,7 @@ reference pass computed in between from the SFT weights just trained. Run storag
 `cfg.train.storage_path` or `<cfg.output_dir>/ray_results`, run name `name`. Ray Train V2 resumes a
 run with the same (storage_path, name), so a driver restarted after a crash continues the fit from its
 last checkpoint (at stage granularity); a checkpoint written under a different config is refused.
-`train.num_workers = 0` runs Ray Train's local mode (in this process, no process group, plain torch):
-the single-process reference used by the tests.
+`train.num_workers = 0` runs Ray Train's local mode (in this process, no process group, plain torch).
 """
 
 from __future__ import annotations
@@ -214,8 +213,3 @@ def _gather(dataset: Any) -> pa.Table:
 
     tables = [t for t in ray.get(dataset.to_arrow_refs()) if t.num_rows]
     return pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
-
-
-def with_train(cfg: RunConfig, **changes: Any) -> RunConfig:
-    """cfg with `train.<key>` replaced (no validation: num_workers=0 selects local mode)."""
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
