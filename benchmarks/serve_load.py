@@ -1,4 +1,4 @@
-"""Load test of /recommend or /rank: p50/p99 latency and requests/s at several concurrency levels.
+"""Load test of /recommend, /rank or /v1/rerank: p50/p99 latency and requests/s at several concurrency levels.
 
 Everything runs on this machine over loopback (127.0.0.1): a local Ray, the real Serve app from
 `sprec_ray.serve.app.serve_run`, and a thread pool of HTTP clients. Each level is bounded by a
@@ -15,6 +15,13 @@ their ratios are comparable:
     .venv/bin/python benchmarks/serve_load.py --endpoint rank --candidates 20 100 --levels 1 16 64 \
         --variants batch8-auto --requests 2000 --out benchmarks/results/serve_rank.json
 
+`--url` drives a service that is already running (any deployment an operator points it at) instead
+of starting Ray and Serve here; `--run` then only names the catalogue's titles for `rerank`:
+
+    .venv/bin/python benchmarks/serve_load.py --url http://127.0.0.1:8000 --endpoint rerank --levels 1 16
+
+With `--endpoint rerank` the query is the history as a JSON list of ids and the documents are the
+candidates' titles (free text when the catalogue is unknown, which the service scores all the same).
 With `--endpoint rank` every request sends `--candidates` distinct items outside its history, and
 the same run also scores those lists in process both ways, one prefix-shared sequence per request
 against one full forward per candidate (generate/scoring.py): the time ratio and whether the
@@ -109,18 +116,25 @@ def sft_tiny(model_dir: Path, pairs: list[tuple[str, str]], steps: int, batch: i
     model.save_pretrained(model_dir)
 
 
-def request_body(i: int, endpoint: str, n_items: int, max_history: int, candidates: int) -> dict:
+def request_body(i: int, endpoint: str, n_items: int, max_history: int, candidates: int,
+                 titles: list[str] | None = None) -> dict:
     history = [(i * 13 + j) % n_items for j in range(1 + i % max_history)]
     if endpoint == "recommend":
         return {"history": history, "k": 10}
     start = (i * 7) % n_items
     free = [c % n_items for c in range(start, start + n_items) if c % n_items not in history][:candidates]
+    if endpoint == "rerank":
+        docs = [titles[c] if titles else f"Item number {c}" for c in free]
+        return {"query": json.dumps(history), "documents": docs, "top_n": 10}
     return {"history": history, "candidates": free, "k": 10}
+
+
+PATHS = {"recommend": "recommend", "rank": "rank", "rerank": "v1/rerank"}
 
 
 def run_level(url: str, concurrency: int, max_requests: int, max_seconds: float, n_items: int,
               max_history: int, endpoint: str = "recommend", candidates: int = 0,
-              kill_after_s: float = 0.0) -> dict[str, float]:
+              kill_after_s: float = 0.0, titles: list[str] | None = None) -> dict[str, float]:
     import requests
 
     latencies: list[float] = []
@@ -135,11 +149,12 @@ def run_level(url: str, concurrency: int, max_requests: int, max_seconds: float,
         for i in counter:  # shared iterator: the level stops after max_requests in total
             if time.monotonic() > deadline:
                 return
-            body = request_body(i, endpoint, n_items, max_history, candidates)
+            body = request_body(i, endpoint, n_items, max_history, candidates, titles)
             t0 = time.perf_counter()
             try:
-                resp = session.post(f"{url}/{endpoint}", json=body, timeout=120)
-                ok = resp.status_code == 200 and len(resp.json()["items"]) == 10
+                resp = session.post(f"{url}/{PATHS[endpoint]}", json=body, timeout=120)
+                answer = resp.json()["results" if endpoint == "rerank" else "items"] if resp.status_code == 200 else []
+                ok = len(answer) == (10 if endpoint == "recommend" else min(10, candidates))
                 grounded = ok and resp.json().get("source", "model") == "model"
             except requests.RequestException:
                 ok = grounded = False
@@ -232,8 +247,9 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=30.0, help="time budget per level")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS)[:3], choices=list(VARIANTS))
     ap.add_argument("--backend", choices=["hf", "vllm"], default="hf")
-    ap.add_argument("--endpoint", choices=["recommend", "rank"], default="recommend")
-    ap.add_argument("--candidates", type=int, nargs="+", default=[20], help="/rank: candidates per request")
+    ap.add_argument("--endpoint", choices=list(PATHS), default="recommend")
+    ap.add_argument("--candidates", type=int, nargs="+", default=[20], help="/rank, /v1/rerank: candidates per request")
+    ap.add_argument("--url", help="drive this running service (e.g. http://127.0.0.1:8000); start nothing here")
     ap.add_argument("--kill-replica-after", type=float, default=0.0,
                     help="SIGKILL one model replica this many seconds into every level (0: never)")
     ap.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray")
@@ -247,6 +263,8 @@ def main() -> None:
     from sprec_ray.serve.app import serve_run
     from sprec_ray.serve.recommender import load_catalogue, load_run
 
+    if args.url:
+        return drive_url(args)
     apply_default_env()
     tmp = tempfile.TemporaryDirectory(prefix="serve_load_")
     run_dir = args.run or build_tiny_run(Path(tmp.name))
@@ -256,7 +274,8 @@ def main() -> None:
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     port = free_port()
     rows = []
-    sizes = args.candidates if args.endpoint == "rank" else [0]
+    titles = list(load_catalogue(run).titles)
+    sizes = args.candidates if args.endpoint != "recommend" else [0]
     layouts = [scoring_layouts(run, n_items, max_history, c) for c in sizes] if args.endpoint == "rank" else []
     for row in layouts:
         print(f"in-process scoring, {row['candidates']} candidates: {row}", flush=True)
@@ -267,12 +286,13 @@ def main() -> None:
             t0 = time.monotonic()
             url = serve_run(run_dir, overrides, block=False)
             deploy_s = time.monotonic() - t0
-            run_level(url, 4, 20, 30, n_items, max_history, args.endpoint, size)  # warm-up: first batches, lazy imports
+            # warm-up: first batches, lazy imports
+            run_level(url, 4, 20, 30, n_items, max_history, args.endpoint, size, titles=titles)
             print(f"[{variant}] deployed in {deploy_s:.1f}s", flush=True)
             for level in args.levels:
                 row = {"variant": variant, "candidates": size,
                        **run_level(url, level, args.requests, args.max_seconds, n_items, max_history, args.endpoint, size,
-                                   args.kill_replica_after),
+                                   args.kill_replica_after, titles),
                        "replicas_after": replica_count()}
                 rows.append(row)
                 print(f"[{variant}] c={level}: {row}", flush=True)
@@ -306,6 +326,39 @@ def main() -> None:
         "catalogue_items": n_items, "max_new_tokens": run.cfg.generation.max_new_tokens,
         "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version(),
                     "processor": platform.processor()},
+    }, indent=2))
+    print(f"wrote {args.out}")
+
+
+def drive_url(args: argparse.Namespace) -> None:
+    """--url: the levels against a service someone else runs (no Ray here, no replica kill)."""
+    import requests
+
+    health = requests.get(f"{args.url}/healthz", timeout=30).json()
+    n_items = int(health["items"])
+    # the service's own bound on a history, from its declared request schema
+    spec = requests.get(f"{args.url}/openapi.json", timeout=30).json()
+    max_history = min(10, spec["components"]["schemas"]["RecommendBody"]["properties"]["history"]["maxItems"])
+    titles = None
+    if args.run:
+        from sprec_ray.serve.recommender import load_catalogue, load_run
+
+        titles = list(load_catalogue(load_run(args.run)).titles)
+    sizes = args.candidates if args.endpoint != "recommend" else [0]
+    rows = []
+    for size in sizes:
+        run_level(args.url, 4, 20, 30, n_items, max_history, args.endpoint, size, titles=titles)  # warm-up
+        for level in args.levels:
+            row = {"url": args.url, "candidates": size,
+                   **run_level(args.url, level, args.requests, args.max_seconds, n_items, max_history, args.endpoint,
+                               size, titles=titles)}
+            rows.append(row)
+            print(f"[{args.url}] c={level}: {row}", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "endpoint": args.endpoint, "url": args.url, "rows": rows, "service": health,
+        "client_machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version(),
+                           "processor": platform.processor()},
     }, indent=2))
     print(f"wrote {args.out}")
 
