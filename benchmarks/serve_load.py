@@ -14,6 +14,8 @@ their ratios are comparable:
     .venv/bin/python benchmarks/serve_load.py --run runs/default --levels 1 8 32 --backend vllm
     .venv/bin/python benchmarks/serve_load.py --endpoint rank --candidates 20 100 --levels 1 16 64 \
         --variants batch8-auto --requests 2000 --out benchmarks/results/serve_rank.json
+    .venv/bin/python benchmarks/serve_load.py --variants batch8-2rep --kill-replica-after 6 \
+        --out benchmarks/results/serve_replica_loss.json
 
 `--url` drives a service that is already running (any deployment an operator points it at) instead
 of starting Ray and Serve here; `--run` then only names the catalogue's titles for `rerank`:
@@ -43,6 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from provenance import provenance
 
 VARIANTS = {
     "batch1-1rep": ["serve.max_batch_size=1", "serve.min_replicas=1", "serve.max_replicas=1"],
@@ -321,7 +324,7 @@ def main() -> None:
         print("\nthroughput vs batch1-1rep at the same concurrency: " + json.dumps(ratios))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "endpoint": args.endpoint, "kill_replica_after_s": args.kill_replica_after, "rows": rows, "scoring_layouts": layouts, "ratios_vs_batch1": ratios,
+        **provenance(), "endpoint": args.endpoint, "kill_replica_after_s": args.kill_replica_after, "rows": rows, "scoring_layouts": layouts, "ratios_vs_batch1": ratios,
         "backend": args.backend, "run": str(run_dir) if args.run else "tiny",
         "catalogue_items": n_items, "max_new_tokens": run.cfg.generation.max_new_tokens,
         "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version(),
@@ -356,7 +359,7 @@ def drive_url(args: argparse.Namespace) -> None:
             print(f"[{args.url}] c={level}: {row}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "endpoint": args.endpoint, "url": args.url, "rows": rows, "service": health,
+        **provenance(), "endpoint": args.endpoint, "url": args.url, "rows": rows, "service": health,
         "client_machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version(),
                            "processor": platform.processor()},
     }, indent=2))

@@ -19,12 +19,6 @@ RESULTS = BENCHMARKS / "results"
 PROVENANCE = ("commit", "date", "machine", "command")
 # Subfolders allowed for a long experiment's per-run files, and the script that writes them.
 RUN_FOLDERS = {"quality_runs": "quality.py"}
-# Outputs whose script does not name them yet, each with the reason. An entry fails the test once the
-# script names the file, so that it is removed then.
-NOT_YET_NAMED = {
-    "serve_replica_loss.json": "serve_load.py writes it through --out (--variants batch8-2rep --kill-replica-after); "
-                               "its docstring is to name it",
-}
 
 
 def names(text: str, name: str) -> bool:
@@ -56,10 +50,8 @@ def test_results_folder_holds_only_known_outputs() -> None:
                 problems.append(f"{rel}: RESULTS.md does not name {folder}/")
             continue
         writers = [name for name, text in texts.items() if names(text, rel.name)]
-        if not writers and rel.name not in NOT_YET_NAMED:
+        if not writers:
             problems.append(f"{rel}: no benchmarks/*.py names it as an output")
-        if writers and rel.name in NOT_YET_NAMED:
-            problems.append(f"{rel}: {writers} names it now; remove it from NOT_YET_NAMED")
         if not names(report, rel.name):
             problems.append(f"{rel}: benchmarks/RESULTS.md does not name it")
     assert not problems, "\n".join(problems)
@@ -71,8 +63,3 @@ def test_result_json_records_provenance(path: Path) -> None:
     data = json.loads(path.read_text())
     missing = [k for k in PROVENANCE if not isinstance(data.get(k), str) or not data[k].strip()]
     assert not missing, f"{path.relative_to(RESULTS)} lacks {missing}"
-
-
-def test_not_yet_named_entries_exist() -> None:
-    stale = [name for name in NOT_YET_NAMED if not (RESULTS / name).is_file()]
-    assert not stale, f"NOT_YET_NAMED lists files that are gone: {stale}"
