@@ -84,6 +84,21 @@ def shards(tiny_data, tmp_path_factory) -> PromptShards:
     return PromptShards(str(directory), tiny_data.catalogue.titles, "books")
 
 
+@pytest.mark.parametrize("overrides, needle", [
+    (["train.max_tokens_per_batch=64"], r"s: train.max_tokens_per_batch packs batches over a whole shard, "
+                                        r"but this stage streams \(more than train.stream_rows=0 rows\)"),
+    (["sft.cft.enabled=true"], r"s: sft.cft.enabled needs cf_prompt, but the stage's PromptShards build none"),
+    (["train.num_workers=46"], r"s: 45 rows for train.num_workers=46 workers"),
+])
+def test_a_stage_that_cannot_stream_fails_on_the_driver_naming_why(shards, tmp_path, overrides, needle):
+    from sprec_ray.data.records import DataError
+    from sprec_ray.train.phases import _shards
+
+    cfg = load_config(None, [f"output_dir={tmp_path}", *_BASE, "train.stream_rows=0", *overrides])
+    with pytest.raises(DataError, match=needle):
+        _shards(cfg, Stage("sft", "s", shards, tmp_path), cfg.train.num_workers)
+
+
 @pytest.mark.timeout(120)
 def test_a_streamed_share_plans_the_rows_and_batches_the_object_store_path_does(shards, tiny_model_dir, tmp_path,
                                                                                   ray_session):

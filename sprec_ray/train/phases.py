@@ -23,14 +23,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..config import RunConfig
 from ..data.records import DataError
 from ..data.sharding import PromptShards
 from .checkpointing import export_adapter, read_state
 from .loop import FitSpec, StageSpec, train_loop
-from .stream import RankStream, split_rows
+from .stream import RankStream, Span, split_rows
 from .tracking import check_logger_available
 
 SFT_COLUMNS = ("prompt", "response")
@@ -163,12 +162,11 @@ def _shards(cfg: RunConfig, stage: Stage, world: int) -> tuple[Any, ...]:
     import ray
 
     required, optional = _columns(cfg, stage.phase)
-    if isinstance(stage.dataset, PromptShards) and stage.phase == "sft":
-        files = stage.dataset.files()
-        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-        if rows > cfg.train.stream_rows:
-            return _streams(cfg, stage, files, world, required + tuple(optional))
     if isinstance(stage.dataset, PromptShards):
+        if stage.phase == "sft":
+            spans, rows = split_rows(stage.dataset.files(), world)  # Parquet metadata only
+            if rows > cfg.train.stream_rows:
+                return _streams(cfg, stage, spans, rows, world, required + optional)
         table = stage.dataset.table()
     else:
         table = stage.dataset if isinstance(stage.dataset, pa.Table) else _gather(stage.dataset)
@@ -189,7 +187,8 @@ def _columns(cfg: RunConfig, phase: str) -> tuple[tuple[str, ...], tuple[str, ..
     return DPO_COLUMNS, ()
 
 
-def _streams(cfg: RunConfig, stage: Stage, files: list[str], world: int, columns: tuple[str, ...]) -> tuple[RankStream, ...]:
+def _streams(cfg: RunConfig, stage: Stage, spans: list[tuple[Span, ...]], rows: int, world: int,
+             columns: tuple[str, ...]) -> tuple[RankStream, ...]:
     import ray
 
     if cfg.train.max_tokens_per_batch:
@@ -197,7 +196,6 @@ def _streams(cfg: RunConfig, stage: Stage, files: list[str], world: int, columns
                         f"(more than train.stream_rows={cfg.train.stream_rows} rows); set max_tokens_per_batch=0 or raise stream_rows")
     if "cf_prompt" in columns and not stage.dataset.counterfactual:
         raise DataError(f"{stage.name}: sft.cft.enabled needs cf_prompt, but the stage's PromptShards build none")
-    spans, rows = split_rows(files, world)
     if rows // world == 0:
         raise DataError(f"{stage.name}: {rows} rows for train.num_workers={world} workers")
     step_rows = cfg.sft.batch_size * cfg.sft.grad_accum
