@@ -113,8 +113,9 @@ def measure(path: str, rows: int, log: Path, work: Path, checkout: Path, max_ste
     manifest = out / "manifests" / "r0_sft.json"
     if manifest.exists():
         metrics = json.loads(manifest.read_text())["metrics"]
-        result["train_rows"] = sum(metrics.get(f"rank{r}_rows", 0) for r in range(8)) or None
-        result["rank_rows"] = [metrics[k] for k in sorted(metrics) if re.fullmatch(r"rank\d+_rows", k)]
+        ranks = sorted(int(m.group(1)) for k in metrics if (m := re.fullmatch(r"rank(\d+)_rows", k)))
+        result["rank_rows"] = [metrics[f"rank{r}_rows"] for r in ranks]
+        result["train_rows"] = sum(result["rank_rows"]) or None
         result["steps"] = metrics.get("steps")
         result["fit_first_step_s"] = round(metrics["first_step_s"], 1) if "first_step_s" in metrics else None
     return result
