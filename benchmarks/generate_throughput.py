@@ -30,18 +30,18 @@ from pathlib import Path
 
 from sprec_ray.config import DataConfig, load_config
 from sprec_ray.data.dataset import REPO_ROOT
+from sprec_ray.data.prepared import prepare_dataset
 from sprec_ray.data.prompts import render_prompt, render_response
 from sprec_ray.models.base import resolve_base_model
-from sprec_ray.testing import load_dataset
 
 log = logging.getLogger("generate_throughput")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def build_prompts(data: str, work: Path) -> tuple[list[str], list[str]]:
-    ds = load_dataset(DataConfig(path=data), work / "scratch")
+    ds = prepare_dataset(DataConfig(path=data), work / "prepared", work / "scratch")
     titles = ds.catalogue.titles
-    prompts = [render_prompt([titles[i] for i in e.history]) for e in ds.train]
+    prompts = [render_prompt([titles[i] for i in e.history]) for e in ds.head("train", ds.counts["train"])]
     corpus = [render_prompt(titles[i:i + 10]) + render_response(titles[i]) for i in range(0, len(titles), 2)]
     return prompts, corpus
 

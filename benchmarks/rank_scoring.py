@@ -41,6 +41,7 @@ def main() -> None:
 
     from sprec_ray.config import load_config
     from sprec_ray.data.candidates import candidates_of
+    from sprec_ray.data.prepared import prepare_dataset
     from sprec_ray.data.prompts import render_prompt
     from sprec_ray.eval.candidates import rank_metrics, ranked
     from sprec_ray.generate.backends import Decoding
@@ -49,13 +50,12 @@ def main() -> None:
     from sprec_ray.manifest import machine_name
     from sprec_ray.models.base import CONVERT_CACHE, resolve_base_model
     from sprec_ray.runtime import apply_default_env
-    from sprec_ray.testing import load_dataset
 
     apply_default_env()
     cfg = load_config(REPO / "configs" / "default.yaml", ["data.train_samples=0", "data.valid_samples=0"])
-    with tempfile.TemporaryDirectory(prefix="rank_scoring_") as tmp:  # the reference reader: no Ray needed
-        data = load_dataset(cfg.data, Path(tmp))
-    rows = data.valid
+    with tempfile.TemporaryDirectory(prefix="rank_scoring_") as tmp:  # JSON, no sampling: no Ray needed
+        data = prepare_dataset(cfg.data, Path(tmp) / "prepared", Path(tmp))
+        rows = data.head("valid", data.counts["valid"])
     titles, n_items = data.catalogue.titles, len(data.catalogue)
     base = resolve_base_model(cfg.model.name, CONVERT_CACHE)
     backend = make_backend(cfg.generation, base, cfg.lora.r, cfg.seed)

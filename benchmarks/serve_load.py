@@ -67,19 +67,19 @@ def build_tiny_run(root: Path, sft_steps: int = 80) -> Path:
     (a random-init model writes no title and every request would take the popularity fallback)."""
     from sprec_ray.artefacts import write_catalogue
     from sprec_ray.config import load_config, save_config
+    from sprec_ray.data.prepared import prepare_dataset
     from sprec_ray.data.prompts import render_prompt, render_response
     from sprec_ray.data.synthetic import write_synthetic_sprec
     from sprec_ray.models.base import build_tiny_model
-    from sprec_ray.testing import load_dataset
 
     data_dir = write_synthetic_sprec(root / "data", num_items=500, num_users=400, seed=1)
     run = root / "run"
     cfg = load_config(None, [f"output_dir={run}", f"data.path={data_dir}", "model.name=tiny",
                              "generation.backend=hf", "generation.max_new_tokens=24", "eval.embedder=hash"])
-    data = load_dataset(cfg.data, root / "scratch")
+    data = prepare_dataset(cfg.data, root / "prepared", root / "scratch")
     titles = data.catalogue.titles
     pairs = [(render_prompt([titles[i] for i in e.history], cfg.data.item_noun), render_response(titles[e.target]))
-             for e in data.train]
+             for e in data.head("train", data.counts["train"])]
     model = build_tiny_model(root / "model", [p + r for p, r in pairs])
     sft_tiny(model, pairs, sft_steps)
     run.mkdir(parents=True)

@@ -1,6 +1,6 @@
 """Training throughput of the SFT and DPO phases: DeepSpeed ZeRO-2 vs ZeRO-3 vs plain torch DDP, one run.
 
-Each (phase, backend) is a real `run_sft` / `run_dpo` Ray Train fit on the same rows and settings.
+Each (phase, backend) is a real one-stage `run_fit` (Ray Train) on the same rows and settings.
 Tokens are all non-pad tokens fed forward (prompt + response, all 1+K sequences of a DPO row), summed
 over workers, over the steps after the first (start-up excluded):
   compute tokens/s = tokens / time inside optimizer steps (forward, backward, update, all-reduces);
@@ -38,12 +38,13 @@ import time
 from pathlib import Path
 
 from sprec_ray.config import load_config
+from sprec_ray.data.prepared import prepare_dataset
 from sprec_ray.data.prompts import render_prompt, render_response
 from sprec_ray.data.synthetic import write_synthetic_sprec
 from sprec_ray.manifest import machine_name
 from sprec_ray.models.base import build_tiny_model
 from sprec_ray.runtime import init_ray
-from sprec_ray.testing import load_dataset
+from sprec_ray.train.phases import PhaseResult, Stage, run_fit
 
 BACKENDS = {"ddp": 0, "zero2": 2, "zero3": 3}
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}  # dense bf16
@@ -90,6 +91,11 @@ def fresh_adapter(model_dir: Path, out: Path) -> Path:
     return out
 
 
+def fit(cfg, phase: str, model_dir: Path, dataset, out_dir: Path, init_adapter: Path | None) -> PhaseResult:
+    """One stage through the product's `run_fit`; DPO starts from (and is referenced to) `init_adapter`."""
+    return run_fit(cfg, model_dir, [Stage(phase, out_dir.name, dataset, out_dir)], init_adapter, out_dir.name)[out_dir.name]
+
+
 def peak_flops() -> float | None:
     import torch
 
@@ -132,18 +138,16 @@ def main() -> None:
     import ray.data
     import torch
 
-    from sprec_ray.testing import run_dpo, run_sft
-
     use_gpu = torch.cuda.is_available()
     out_path = Path(args.out or Path(__file__).parent / "results" / f"train_throughput_{'gpu' if use_gpu else 'cpu'}.json")
     work = Path("bench_out") / "train_throughput_work"
     data_dir = write_synthetic_sprec(work / "data", num_items=200, num_users=max(200, args.rows * 2), seed=0)
-    data = load_dataset(load_config(None, [f"data.path={data_dir}"]).data, work / "scratch")
+    data = prepare_dataset(load_config(None, [f"data.path={data_dir}"]).data, work / "prepared", work / "scratch")
     titles = data.catalogue.titles
     model_dir = build_model(args.model, work / "models",
                             [render_prompt(titles[i:i + 10]) + render_response(titles[i]) for i in range(0, len(titles), 2)])
     n_all, n_nonembed = param_counts(model_dir)
-    examples = data.train[:args.rows]
+    examples = data.head("train", args.rows)
     rows = [{"row_id": e.row_id, "prompt": render_prompt([titles[i] for i in e.history]),
              "response": render_response(titles[e.target]),
              "rejected": [render_response(titles[(e.target + 1) % len(titles)])]} for e in examples]
@@ -169,9 +173,9 @@ def main() -> None:
         load = os.getloadavg()[0]  # other processes on a shared box skew CPU numbers; recorded per fit
         start = time.perf_counter()
         if phase == "sft":
-            res = run_sft(cfg, model_dir, ds, work / "adapters" / name, None, name)
+            res = fit(cfg, "sft", model_dir, ds, work / "adapters" / name, None)
         else:
-            res = run_dpo(cfg, model_dir, ds, work / "adapters" / name, start_adapter, name)
+            res = fit(cfg, "dpo", model_dir, ds, work / "adapters" / name, start_adapter)
         fit_s = time.perf_counter() - start
         m = res.metrics
         tps, wall = m["tokens_per_s"], m["wall_tokens_per_s"]
@@ -238,13 +242,13 @@ def smollm2_goodreads(work: Path, n: int) -> tuple[Path, list[dict], dict[int, f
     from sprec_ray.models.base import resolve_base_model
 
     max_history = load_config(DEFAULT_CONFIG).data.max_history
-    data = load_dataset(DataConfig(path="bundled"), work / "scratch")
+    data = prepare_dataset(DataConfig(path="bundled"), work / "prepared", work / "scratch")
     titles = data.catalogue.titles
     model_dir = resolve_base_model("smollm2", Path("bench_out") / "models").resolve()
     rng = random.Random(0)
     rows = [{"row_id": e.row_id, "prompt": render_prompt([titles[i] for i in e.history]), "response": render_response(titles[e.target]),
              "rejected": [render_response(titles[rng.randrange(len(titles))]) for _ in range(3)]}
-            for e in (x.last(max_history) for x in data.train[:n])]
+            for e in (x.last(max_history) for x in data.head("train", n))]
     peak = {t: matmul_peak(t, "float32") for t in (1, 2)}
     return model_dir, rows, peak, machine_name()
 
@@ -258,7 +262,6 @@ def prefix_sharing(args: argparse.Namespace) -> None:
 
     import ray.data
 
-    from sprec_ray.testing import run_dpo
 
     work = Path("bench_out") / "prefix_sharing_work"
     model_dir, rows, peak, machine = smollm2_goodreads(work, args.rows)
@@ -276,7 +279,7 @@ def prefix_sharing(args: argparse.Namespace) -> None:
                     "dpo.epochs=1000", "train.checkpoint_every=1000", f"train.prefix_sharing={'on' if layout == 'shared' else 'off'}",
                     f"train.mixed_precision={args.mixed_precision}", *args.override])
                 name = f"prefix-{loss}-{layout}-{time.strftime('%H%M%S')}"
-                res = run_dpo(cfg, model_dir, ray.data.from_items(pairs), work / "adapters" / name, start_adapter, name)
+                res = fit(cfg, "dpo", model_dir, ray.data.from_items(pairs), work / "adapters" / name, start_adapter)
                 m, step_s = res.metrics, _step_s(res)
                 fits.append({"loss": loss, "k": k, "layout": layout, "repeat": repeat, "step_s": step_s,
                              "reference_s": m["reference_s"], "tokens_per_step": m["tokens_per_s"] * step_s, "fit_s": m["fit_s"],
@@ -352,7 +355,6 @@ def sft_layouts(args: argparse.Namespace) -> None:
     frozen weights), the fixed cost of each fit, and the size of its final checkpoint."""
     import ray.data
 
-    from sprec_ray.testing import run_sft
 
     work = Path("bench_out") / "sft_layouts_work"
     model_dir, rows, peak, machine = smollm2_goodreads(work, args.rows)
@@ -372,7 +374,7 @@ def sft_layouts(args: argparse.Namespace) -> None:
         # This machine's peak drifts by tens of percent within minutes: each fit is set against the mean
         # of the peaks measured right before and right after it.
         peak_before = matmul_peak(2, "float32")
-        res = run_sft(cfg, model_dir, ray.data.from_items(sft_rows), work / "adapters" / name, None, name)
+        res = fit(cfg, "sft", model_dir, ray.data.from_items(sft_rows), work / "adapters" / name, None)
         fit_peaks = [peak_before, matmul_peak(2, "float32")]
         m = res.metrics
         tps = m["tokens_per_s"]

@@ -14,12 +14,13 @@ import pytest
 # ones that use a Hub id fill an HF_HOME of their own.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from reference import RecDataset, load_dataset
+
 from sprec_ray.config import DataConfig
 from sprec_ray.data.dataset import GOODREADS_SAMPLE
 from sprec_ray.data.prompts import render_prompt, render_response
 from sprec_ray.data.synthetic import write_synthetic_sprec
 from sprec_ray.runtime import apply_default_env
-from sprec_ray.testing import RecDataset, load_dataset
 
 apply_default_env()
 

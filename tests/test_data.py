@@ -3,6 +3,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from reference import load_dataset, read_interactions
 
 from sprec_ray.config import DataConfig
 from sprec_ray.data.catalogue import catalogue_from_titles, load_sprec_catalogue
@@ -10,7 +11,6 @@ from sprec_ray.data.prompts import names_several_titles, parse_response, render_
 from sprec_ray.data.readers import read_sdpo_json, read_sprec_json
 from sprec_ray.data.records import DataError
 from sprec_ray.data.sharding import PromptShards, write_examples_parquet
-from sprec_ray.testing import load_dataset, read_interactions
 
 CAT = catalogue_from_titles(["Alpha", 'A Child Called "It" (Dave Pelzer #1)', "Gamma, Delta", "Beta"],
                             [["fiction"], ["history"], ["fiction", "romance"], []])

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
+from reference import load_dataset, read_interactions
 
 from sprec_ray.config import DataConfig
 from sprec_ray.data import pipeline
@@ -16,7 +17,6 @@ from sprec_ray.data.prepared import examples_from_table, open_prepared, prepare_
 from sprec_ray.data.readers import read_sprec_json
 from sprec_ray.data.records import DataError
 from sprec_ray.data.sharding import PromptShards
-from sprec_ray.testing import load_dataset, read_interactions
 
 
 def _log(n: int, users: int, items: int, seed: int) -> pa.Table:

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from reference import load_dataset
 
 from sprec_ray.artefacts import write_catalogue
 from sprec_ray.config import load_config, save_config
@@ -29,7 +30,6 @@ from sprec_ray.serve.schema import (
     parse_request,
     parse_rerank_request,
 )
-from sprec_ray.testing import load_dataset
 
 MAX_HISTORY = 8  # serve.max_history: the most a request may send
 PROMPT_HISTORY = 6  # data.max_history: the most the prompt shows (the last ones)

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference import run_dpo, run_sft
 from safetensors.torch import load_file
 
 from sprec_ray.config import load_config
 from sprec_ray.data.prompts import render_prompt, render_response
 from sprec_ray.runtime import extension_cache
-from sprec_ray.testing import run_dpo, run_sft
 from sprec_ray.train.checkpointing import read_state
 from sprec_ray.train.phases import PhaseResult, Stage, run_fit
 

@@ -1,8 +1,9 @@
-"""In-memory reference implementations that the tests and benchmarks hold the distributed paths to.
+"""In-memory reference implementations that the tests hold the distributed paths to.
 
-Nothing in the package imports this module. `load_dataset` reads a whole dataset into lists (the
-runs use the Ray Data pipeline, `data/prepared.py`), `read_interactions` is the leave-last-out split
-of raw logs that `data/pipeline.py` computes at scale, and `run_sft` / `run_dpo` are one-stage fits.
+`load_dataset` reads a whole dataset into lists (runs use the Ray Data pipeline, `data/prepared.py`),
+`read_interactions` is the leave-last-out split of raw logs that `data/pipeline.py` computes at scale,
+and `run_sft` / `run_dpo` are one-stage fits. `benchmarks/data_pipeline.py` times the pipeline
+against `read_interactions`.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from .config import DataConfig, RunConfig
-from .data.catalogue import Catalogue, catalogue_from_titles, load_sprec_catalogue
-from .data.dataset import resolve_data_path
-from .data.readers import read_sdpo_json, read_sprec_json, reject_row
-from .data.records import BadRows, DataError, Example
-from .manifest import sha256_file
-from .train.phases import PhaseResult, Stage, run_fit
+from sprec_ray.config import DataConfig, RunConfig
+from sprec_ray.data.catalogue import Catalogue, catalogue_from_titles, load_sprec_catalogue
+from sprec_ray.data.dataset import resolve_data_path
+from sprec_ray.data.readers import read_sdpo_json, read_sprec_json, reject_row
+from sprec_ray.data.records import BadRows, DataError, Example
+from sprec_ray.manifest import sha256_file
+from sprec_ray.train.phases import PhaseResult, Stage, run_fit
 
 if TYPE_CHECKING:
     import ray.data
@@ -39,7 +40,7 @@ class RecDataset:
     source_hashes: dict[str, str]  # file -> sha256, for manifests
 
 
-def _subsample(examples: list[Example], n: int, seed: int) -> list[Example]:
+def _random_rows(examples: list[Example], n: int, seed: int) -> list[Example]:
     if n <= 0 or n >= len(examples):
         return examples
     picked = random.Random(seed).sample(range(len(examples)), n)
@@ -67,8 +68,8 @@ def load_dataset(cfg: DataConfig, scratch_dir: str | Path, seed: int = 0) -> Rec
         valid = [e.last(cfg.max_history) for e in valid]
     if not train:
         raise DataError(f"{path}: no usable training rows ({bad_train.summary()})")
-    train = _subsample(train, cfg.train_samples, seed)
-    valid = _subsample(valid, cfg.valid_samples, seed + 1)
+    train = _random_rows(train, cfg.train_samples, seed)
+    valid = _random_rows(valid, cfg.valid_samples, seed + 1)
     catalogue = catalogue.with_popularity(i for e in train for i in (*e.history, e.target))
     hashes = {str(f): sha256_file(f) for f in files if f.is_file()}
     return RecDataset(catalogue, train, valid, (bad_train, bad_valid), hashes)
