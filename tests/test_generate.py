@@ -35,6 +35,15 @@ NUM_PROMPTS = 24
 MAX_NEW = 12
 
 
+def live_actors() -> list:
+    """The generation actors not dead (alive or still starting), as Ray's State API lists them, in
+    name order (pool, slot, restarts)."""
+    from ray.util.state import list_actors
+
+    alive = list_actors(filters=[("class_name", "=", "GenerationActor"), ("state", "!=", "DEAD")])
+    return sorted(alive, key=lambda a: a.name)
+
+
 def make_adapter(base: Path, out: Path, seed: int) -> Path:
     """A peft LoRA with random A *and* B (B != 0), so it really changes the model's outputs."""
     import torch
@@ -220,19 +229,20 @@ def test_hf_pool_keeps_order_and_survives_a_killed_actor(ray_session, tiny_model
         assert sorted(stats.shards_per_actor) == [0, 1] and stats.probe_diff < 1e-4
         assert stats.gen_tokens > 0 and stats.requeued == stats.replaced == 0
 
-        killed = []
+        killed, victim = [], live_actors()[0].name
+        handle = ray.get_actor(victim)
 
         def kill_first_actor(done: int, total: int) -> None:
             if not killed:
-                killed.append(pool.actors[0])
-                ray.kill(pool.actors[0], no_restart=True)
+                killed.append(victim)
+                ray.kill(handle, no_restart=True)
 
         again = pool.generate(prompts, a, round_id=1, progress=kill_first_actor)
         stats = pool.last_stats
         assert again == expected  # exactly one result per prompt, same order, despite the death
         assert stats.replaced == 1 and stats.requeued >= 1 and stats.dropped == 0
         # the replacement is a fresh engine: it passed the adapter probe before getting shards
-        assert len(pool.actors) == 2 and killed[0] not in pool.actors
+        assert len(live_actors()) == 2 and killed[0] not in [a.name for a in live_actors()]
 
         # the same pool scores candidate lists, sharded like generation, in input order
         titles = [f"Book {i}" for i in range(40)]
@@ -248,14 +258,15 @@ def test_hf_pool_keeps_order_and_survives_a_killed_actor(ray_session, tiny_model
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_pool_fails_instead_of_hanging(ray_session, tiny_model_dir, prompts, adapters):
+def test_pool_fails_instead_of_hanging(ray_session, tiny_model_dir, prompts, adapters, caplog):
+    import logging
+
     with pytest.raises(GenerationTimeoutError, match="not up within generation.startup_timeout_s=0.01"):
         GenerationPool(gen_cfg(num_actors=1, startup_timeout_s=0.01), tiny_model_dir, 8, 0)
-    pool = GenerationPool(gen_cfg(num_actors=1, request_timeout_s=0.01, max_actor_restarts=1), tiny_model_dir, 8, 0)
-    try:
-        import ray  # a lone actor gets every core
-
-        assert ray.get(pool.actors[0].ready.remote())[1] == f"{len(os.sched_getaffinity(0))} torch threads"
+    with caplog.at_level(logging.INFO, logger="sprec_ray.generate.pool"):
+        pool = GenerationPool(gen_cfg(num_actors=1, request_timeout_s=0.01, max_actor_restarts=1), tiny_model_dir, 8, 0)
+    try:  # a lone actor gets every core
+        assert any(r.getMessage().endswith(f": {len(os.sched_getaffinity(0))} torch threads") for r in caplog.records)
         start = time.monotonic()
         with pytest.raises(GenerationError, match="no generation actor left"):
             pool.generate(prompts, adapters[0], round_id=1)  # every switch/shard misses its 10 ms deadline
@@ -293,7 +304,7 @@ def test_vllm_pool_matches_transformers_greedy(vllm_pool, vllm_greedy_a, prompts
     assert stats.probe_diff < 1e-3  # fp32 engine vs fp32 transformers+peft
     import ray  # the two engines split the cores and bind one OpenMP thread per core of their share
 
-    binds = [ray.get(x.ready.remote())[1].split("vLLM cores ")[1] for x in vllm_pool.actors]
+    binds = [ray.get(ray.get_actor(a.name).ready.remote())[1].split("vLLM cores ")[1] for a in live_actors()]
     cores = sorted(os.sched_getaffinity(0))
     assert sorted(c for b in binds for c in map(int, b.split(","))) == cores[: len(cores) // 2 * 2]
     base = vllm_pool.generate(prompts, None, round_id=0)
@@ -359,7 +370,7 @@ def test_vllm_stale_adapter_is_caught_by_the_probe(vllm_pool, prompts, adapters,
     """Force the classic stale case on one engine: weights rewritten under a reused LoRA id."""
     import ray
 
-    actor = vllm_pool.actors[0]
+    actor = ray.get_actor(live_actors()[0].name)
     moving = tmp_path / "reused-id"
     shutil.copytree(adapters[0], moving)
     probe = ray.get(actor.switch.remote(str(moving), 99, prompts[:4]), timeout=300)
@@ -377,14 +388,16 @@ def test_vllm_stale_adapter_is_caught_by_the_probe(vllm_pool, prompts, adapters,
 def test_vllm_pool_survives_a_killed_actor(vllm_pool, vllm_greedy_a, prompts, adapters):
     import ray
 
+    second = ray.get_actor(live_actors()[1].name)
+
     def kill_second_actor(done: int, total: int) -> None:
         if done == 1:
-            ray.kill(vllm_pool.actors[1], no_restart=True)
+            ray.kill(second, no_restart=True)
 
     out = vllm_pool.generate(prompts, adapters[0], round_id=1, progress=kill_second_actor)
     stats = vllm_pool.last_stats
     assert out == vllm_greedy_a
-    assert stats.dropped == 1 and stats.replaced == 0 and stats.requeued >= 1 and len(vllm_pool.actors) == 1
+    assert stats.dropped == 1 and stats.replaced == 0 and stats.requeued >= 1 and len(live_actors()) == 1
 
 
 def _has_cuda() -> bool:

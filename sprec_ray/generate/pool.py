@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -187,6 +188,8 @@ class GenerationPool:
         self._slots = [_Slot(i) for i in range(cfg.num_actors)]
         self._pending: dict[Any, _Task] = {}
         self._restarts = 0
+        # Actors are named (pool, slot, restarts) so the Ray dashboard and State API tell them apart.
+        self._name = f"generation-{uuid.uuid4().hex[:6]}"
         self._key_ids: dict[tuple, int] = {}  # adapter key -> LoRA id; a new key gets a new id
         self._references: dict[tuple, list[list[float]]] = {}
         self._broken: BaseException | None = None
@@ -233,7 +236,8 @@ class GenerationPool:
 
     def _start(self, slot: _Slot) -> None:
         cfg = self.cfg
-        options: dict[str, Any] = dict(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor, max_restarts=0,
+        options: dict[str, Any] = dict(name=f"{self._name}-{slot.index}.{self._restarts}",
+                                       num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor, max_restarts=0,
                                        max_task_retries=0, runtime_env={"env_vars": self._actor_env(slot.index)})
         slot.actor = self._remote.options(**options).remote(cfg, self.base_model, self.max_lora_rank, self.seed)
         slot.state, slot.key, slot.inflight = "starting", None, 0
@@ -459,12 +463,7 @@ class GenerationPool:
         stats.gen_tokens += value.num_tokens
         stats.shards_per_actor[task.slot] = stats.shards_per_actor.get(task.slot, 0) + 1
 
-    # ---- inspection / teardown ---------------------------------------------------------------
-    @property
-    def actors(self) -> list[Any]:
-        """Live actor handles (tests kill one to exercise the fault path)."""
-        return [s.actor for s in self._slots if s.state != "dead"]
-
+    # ---- teardown ------------------------------------------------------------------------------
     def release(self) -> None:
         """Every live engine gives its GPU memory back until its next request (a trainer is about to
         use the same GPU); engines that fail here are replaced on the next round as usual."""
