@@ -162,3 +162,46 @@ def test_digest_ignores_how_a_run_executes_but_not_what_it_computes():
 
 def test_yaml_exponents_without_a_dot_are_numbers():
     assert load_config(None, ["sft.lr=3e-4"]).sft.lr == 3e-4  # YAML 1.1 reads 3e-4 as a string
+
+
+def test_default_digests_are_pinned():
+    """The digests of before the bounds moved onto the fields (issue 36): --resume of an older run works."""
+    assert load_config(None).digest() == "6696e51d252ac3ed"
+    assert load_config(CONFIGS / "default.yaml").digest() == "c4ad301320d0bf3b"
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    (["lora.dropout=-0.1"], r"lora.dropout must be in \[0, 1\), got -0.1"),
+    (["sft.cft.beta=1.5"], r"sft.cft.beta must be in \[0, 1\], got 1.5"),
+    (["dpo.beta=0"], r"dpo.beta must be > 0, got 0.0"),
+    (["selfplay.rounds=-1"], r"selfplay.rounds must be >= 0, got -1"),
+    (["model.max_response_len=1"], r"model.max_response_len must be >= 2, got 1"),
+    (["serve.max_k=0"], r"serve.max_k must be >= 1, got 0"),
+    (["eval.ks=[5, -1]"], r"eval.ks must all be >= 1, got \[5, -1\]"),
+    (["generation.probe_tolerance=.nan"], r"generation.probe_tolerance must be >= 0, got nan"),  # was accepted
+    (["train.use_gpu=true", "train.gpus_per_worker=2"], r"train.gpus_per_worker must be in \(0, 1\], got 2.0"),
+])
+def test_bounds_declared_on_the_fields_name_the_key_and_value(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / "tiny.yaml", override)
+
+
+def test_every_default_keeps_its_declared_bound():
+    import dataclasses
+    import typing
+
+    from sprec_ray.config import Rule
+
+    def check(section: object, prefix: str) -> int:
+        checked = 0
+        for name, hint in typing.get_type_hints(type(section), include_extras=True).items():
+            value = getattr(section, name)
+            if dataclasses.is_dataclass(value):
+                checked += check(value, f"{prefix}{name}.")
+            for rule in getattr(hint, "__metadata__", ()):
+                assert isinstance(rule, Rule)
+                rule.check(value, prefix + name)
+                checked += 1
+        return checked
+
+    assert check(RunConfig(), "") >= 50

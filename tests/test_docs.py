@@ -1,5 +1,5 @@
-"""docs/ against the code: every config key documented with its current default and allowed values,
-no documented key that does not exist, and every `docs/<page>.md#anchor` link resolving. No Ray."""
+"""docs/ against the code: every config key documented with its current default, allowed values and
+bound, no documented key that does not exist, and every `docs/<page>.md#anchor` link resolving. No Ray."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any, Literal
 import pytest
 
 from sprec_ray import config
-from sprec_ray.config import RunConfig
+from sprec_ray.config import Rule, RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -24,6 +24,8 @@ DOTTED = re.compile(r"`([a-z_]+(?:\.[a-z_]+)+)(?:\s*[:=][^`]*)?`")
 LINK = re.compile(r"\]\((?:(?P<page>[a-z_]+\.md))?#(?P<anchor>[a-z0-9_-]+)\)")
 CODE_CITATION = re.compile(r"docs/(?P<page>[a-z_]+\.md)#(?P<anchor>[a-z0-9_-]+)")
 FILE_SUFFIXES = ("py", "md", "yaml", "yml", "json", "jsonl", "parquet", "npy", "txt")
+# an allowed cell that opens with a bound (">= 1", "> 0", "[0, 1)", "each >= 1"), which config.py must declare
+BOUND_CELL = re.compile(r"(each )?(>=?|<=?) ?-?\d|[\[(]-?\d")
 
 
 def named_keys(text: str, keys: dict[str, Any]) -> list[str]:
@@ -66,6 +68,17 @@ def config_keys(cls: type = RunConfig, prefix: str = "") -> dict[str, tuple[Any,
     return keys
 
 
+def config_rules(cls: type = RunConfig, prefix: str = "") -> dict[str, str]:
+    """'section.key' -> the text of the bound declared on the field (`Annotated[int, at_least(1)]`)."""
+    rules: dict[str, str] = {}
+    for name, hint in typing.get_type_hints(cls, include_extras=True).items():
+        if typing.get_origin(hint) is typing.Annotated:
+            rules[prefix + name] = " and ".join(r.text for r in hint.__metadata__ if isinstance(r, Rule))
+        elif dataclasses.is_dataclass(hint):
+            rules.update(config_rules(hint, f"{prefix}{name}."))
+    return rules
+
+
 def section_paths(keys: dict[str, Any]) -> set[str]:
     """'sft', 'sft.cft', ...: every proper prefix of a key."""
     return {".".join(k.split(".")[:i]) for k in keys for i in range(1, k.count(".") + 1)}
@@ -93,8 +106,11 @@ def doc_rows(text: str) -> dict[str, list[str]]:
     return rows
 
 
-def problems(text: str, keys: dict[str, tuple[Any, Any]], operational: tuple[str, ...]) -> list[str]:
-    """What is wrong with configuration.md's text against the config's keys; [] when it is right."""
+def problems(text: str, keys: dict[str, tuple[Any, Any]], operational: tuple[str, ...],
+             rules: dict[str, str] | None = None) -> list[str]:
+    """What is wrong with configuration.md's text against the config's keys and declared bounds; [] when
+    it is right."""
+    rules = config_rules() if rules is None else rules
     found: list[str] = []
     rows = doc_rows(text)
     for key, (hint, default) in keys.items():
@@ -116,6 +132,7 @@ def problems(text: str, keys: dict[str, tuple[Any, Any]], operational: tuple[str
             missing = [v for v in typing.get_args(hint) if f"`{json.dumps(v)}`" not in cells[2]]
             if missing:
                 found.append(f"{key}: allowed values {missing} are not in the allowed cell {cells[2]!r}")
+        found += bound_problems(key, cells[2], rules.get(key))
     for key in rows:
         if key not in keys:
             found.append(f"{key}: documented, but no such config key")
@@ -128,6 +145,16 @@ def problems(text: str, keys: dict[str, tuple[Any, Any]], operational: tuple[str
         if listed != set(operational):
             found.append(f"operational keys listed {sorted(listed)} but config.OPERATIONAL_KEYS is {sorted(operational)}")
     return found
+
+
+def bound_problems(key: str, cell: str, declared: str | None) -> list[str]:
+    """The allowed cell opens with the bound config.py declares on the field (">= 1" but not ">= 10"),
+    and with no bound where none is declared."""
+    if declared is None:
+        return [f"{key}: allowed cell {cell!r} states a bound, but config.py declares none"] if BOUND_CELL.match(cell) else []
+    if not re.match(re.escape(declared) + r"(?![\w.])", cell):
+        return [f"{key}: allowed cell {cell!r} must open with the declared bound {declared!r}"]
+    return []
 
 
 def test_configuration_doc_matches_the_config():
@@ -156,6 +183,19 @@ def test_the_check_fails_on_an_undocumented_or_stale_key():
     assert any(p.startswith("train.no_such_key: named") for p in problems(prose, keys, config.OPERATIONAL_KEYS))
     # an operational key added in the code only
     assert any("operational keys" in p for p in problems(text, keys, (*config.OPERATIONAL_KEYS, "train.use_gpu")))
+
+
+def test_the_check_fails_on_a_stale_or_undeclared_bound():
+    keys, rules, text = config_keys(), config_rules(), CONFIG_DOC.read_text()
+    assert rules["data.max_history"] == ">= 1" and rules["sft.cft.beta"] == "[0, 1]" and rules["eval.ks"] == "each >= 1"
+    # a bound changed in config.py but not on the page
+    changed = {**rules, "data.max_history": ">= 2"}
+    assert any(p.startswith("data.max_history: allowed cell") for p in problems(text, keys, config.OPERATIONAL_KEYS, changed))
+    # a bound on the page that config.py no longer declares
+    dropped = {k: v for k, v in rules.items() if k != "lora.r"}
+    assert any(p.startswith("lora.r: allowed cell '>= 1' states a bound")
+               for p in problems(text, keys, config.OPERATIONAL_KEYS, dropped))
+    assert bound_problems("k", ">= 10", ">= 1") and not bound_problems("k", ">= 1; and more", ">= 1")
 
 
 def test_config_keys_walks_nested_sections():
