@@ -1,4 +1,4 @@
-"""`sprec-ray prepare|train|eval|export|serve --config FILE [section.key=value ...]`."""
+"""`sprec-ray prepare|train|eval|export|serve|deploy --config FILE [section.key=value ...]`."""
 
 from __future__ import annotations
 
@@ -66,11 +66,26 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve_run(Path(args.run), args.overrides, block=True)
 
 
+def cmd_deploy(args: argparse.Namespace) -> None:
+    """Change the adapter of the service running --run's model, in place (docs/serving.md)."""
+    from .serve.adapters import AdapterError
+    from .serve.deploy import change_adapter
+
+    try:
+        state = change_adapter(args.run, args.overrides, adapter=args.adapter, round_id=args.round,
+                               rollback=args.rollback)
+    except AdapterError as err:
+        print(f"sprec-ray deploy: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(json.dumps(state, indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sprec-ray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, needs_run in (("prepare", cmd_prepare, False), ("train", cmd_train, False),
-                                ("eval", cmd_eval, True), ("export", cmd_export, True), ("serve", cmd_serve, True)):
+                                ("eval", cmd_eval, True), ("export", cmd_export, True), ("serve", cmd_serve, True),
+                                ("deploy", cmd_deploy, True)):
         p = sub.add_parser(name)
         if needs_run:
             p.add_argument("--run", required=True, help="run directory written by `sprec-ray train`")
@@ -82,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--to", required=True, help="folder for the adapter and its manifest.json")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="skip finished phases, continue the interrupted one")
+        if name == "deploy":
+            which = p.add_mutually_exclusive_group()
+            which.add_argument("--adapter", default=None, help="a PEFT adapter directory for the served base model")
+            which.add_argument("--round", type=int, default=None, help="the run's finished round N (its adapter)")
+            which.add_argument("--rollback", action="store_true", help="back to the adapter served before this one")
         if name == "eval":
             p.add_argument("--adapter", default=None, help="evaluate this adapter instead of the run's final one")
             p.add_argument("--split", choices=("valid", "test"), default="valid", help="the run's split to evaluate on")

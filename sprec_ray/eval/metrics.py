@@ -98,29 +98,55 @@ def ranking_metrics(
 
     out: dict[str, float] = {"n_rows": n_rows, "n_grounded": n_grounded, "n_unparsed": n_rows - n_grounded}
     for k in ks:
-        slots = k * n_rows
         in_top = rank < k
         out[f"NDCG@{k}"] = float((1.0 / np.log2(rank[in_top] + 2.0)).sum() / n_rows)
         out[f"HR@{k}"] = float(in_top.sum() / n_rows)
-        top = rec[:, :k].ravel()
-        counts = np.bincount(top, minlength=n_items)
-        distinct = int(np.count_nonzero(counts))
-        out[f"DivCount@{k}"] = distinct
-        out[f"DivRatio@{k}"] = distinct / slots
-        top3 = np.partition(counts, -OVERREC_TOP)[-OVERREC_TOP:] if n_items >= OVERREC_TOP else counts
-        out[f"ORRatio@{k}"] = float(top3.sum() / slots)
+        counts = _concentration(rec[:, :k], n_rows, n_items, groups, k, out)
         gp = _normalised(counts @ weights)
         diff = gp - gh
         out[f"MGU@{k}"] = float(np.abs(diff).mean()) if diff.size else float("nan")
         out[f"DGU@{k}"] = float(diff.max() - diff.min()) if diff.size else float("nan")
-        pop = np.bincount(groups[top], minlength=NUM_POP_GROUPS)
-        for g in range(NUM_POP_GROUPS):
-            out[f"PopShare{g}@{k}"] = float(pop[g] / slots)
     hist_pop = np.bincount(groups[hist_ids], minlength=NUM_POP_GROUPS)
     for g in range(NUM_POP_GROUPS):
         out[f"HistPopShare{g}"] = float(hist_pop[g] / max(len(hist_ids), 1))
     out["genre_coverage"] = float(has_genre.mean()) if n_items else 0.0
     return out
+
+
+def concentration_metrics(ranked: np.ndarray, catalogue: Catalogue, k: int,
+                          valid: np.ndarray | None = None) -> dict[str, float]:
+    """DivCount@k, DivRatio@k, ORRatio@k and PopShare{g}@k of recommendation lists alone (no targets):
+    the same definitions and denominator (k * all rows) as `ranking_metrics`, for the live service.
+
+    ranked: [N, >=k] int catalogue ids, best first (only the valid rows are read).
+    """
+    ranked = np.asarray(ranked)
+    if ranked.ndim != 2 or ranked.shape[0] == 0 or ranked.shape[1] < k or k < 1:
+        raise ValueError(f"ranked must be a non-empty [rows, >= k] array for k={k}, got shape {ranked.shape}")
+    valid = np.ones(len(ranked), dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+    rec = ranked[valid, :k].astype(np.int64, copy=False)
+    _check_ids(rec, len(catalogue), "ranked (valid rows)")
+    _check_no_duplicates(rec, np.flatnonzero(valid))
+    out: dict[str, float] = {}
+    _concentration(rec, len(ranked), len(catalogue), catalogue.popularity_groups(NUM_POP_GROUPS), k, out)
+    return out
+
+
+def _concentration(top_k: np.ndarray, n_rows: int, n_items: int, groups: np.ndarray, k: int,
+                   out: dict[str, float]) -> np.ndarray:
+    """Writes the @k concentration metrics of the valid rows' top-k ids into `out`; returns c_i."""
+    slots = k * n_rows
+    top = top_k.ravel()
+    counts = np.bincount(top, minlength=n_items)
+    distinct = int(np.count_nonzero(counts))
+    out[f"DivCount@{k}"] = distinct
+    out[f"DivRatio@{k}"] = distinct / slots
+    top3 = np.partition(counts, -OVERREC_TOP)[-OVERREC_TOP:] if n_items >= OVERREC_TOP else counts
+    out[f"ORRatio@{k}"] = float(top3.sum() / slots)
+    pop = np.bincount(groups[top], minlength=NUM_POP_GROUPS)
+    for g in range(NUM_POP_GROUPS):
+        out[f"PopShare{g}@{k}"] = float(pop[g] / slots)
+    return counts
 
 
 def _check_ids(ids: np.ndarray, n_items: int, what: str) -> None:

@@ -1,6 +1,7 @@
 """Ray Serve application over a finished run's model: `POST /recommend`, `POST /rank`, `POST /v1/rerank`
 (Cohere's rerank API; also `/v2/rerank`, where Cohere's v2 client posts), `GET /healthz` (liveness),
-`GET /readyz` (a model replica answers), `/docs` and `/openapi.json` (the request schemas).
+`GET /readyz` (a model replica answers), `GET /version` (the live adapter), `GET /stats` (the filter
+bubble over the latest answers), `/docs` and `/openapi.json` (the request schemas).
 
 Two ways in:
 * `serve_run(run_dir, overrides)`: what `sprec-ray serve --run DIR` calls (starts/attaches to Ray).
@@ -16,6 +17,10 @@ serve.retry_timeout_s the client gets 503 + Retry-After, never a 500. Replicas b
 autoscale between serve.min_replicas and serve.max_replicas. On SIGTERM or Ctrl-C, `sprec-ray serve`
 drains: the gateway refuses new requests (503 + Retry-After), the accepted ones are answered (up to
 DRAIN_TIMEOUT_S), then Serve shuts down.
+
+The gateway also holds the live adapter (rollout.py): it names it on every request it forwards, and
+`sprec-ray deploy` (or serve.follow) changes it in place, with no replica restarted. It keeps the
+sliding window of /recommend answers behind GET /stats and the Prometheus gauges (stats.py).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +48,18 @@ from ray.serve.handle import DeploymentHandle
 
 from ..config import ConfigError
 from ..runtime import worker_env
-from .recommender import Prompts, Recommender, RunInfo, load_run, serving_generation
-from .responses import ErrorResponse, RankResponse, ReadyResponse, RecommendResponse, RerankResponse
+from .adapters import AdapterError, AdapterRef
+from .recommender import Prompts, Recommender, RunInfo, adapter_of, load_run, serving_generation
+from .responses import (
+    ErrorResponse,
+    RankResponse,
+    ReadyResponse,
+    RecommendResponse,
+    RerankResponse,
+    StatsResponse,
+    VersionResponse,
+)
+from .rollout import Rollout
 from .schema import (
     MAX_BODY_BYTES,
     RankRequest,
@@ -58,6 +74,7 @@ from .schema import (
     recommend_body,
     rerank_body,
 )
+from .stats import LiveStats, StatsGauges
 
 log = logging.getLogger("sprec_ray.serve")
 APP_NAME = "sprec"
@@ -66,11 +83,21 @@ QUEUED_BATCHES = 8  # per replica; see deployment_options
 RETRY_AFTER_S = 10  # what a 503 tells the client: about a CPU replica's restart
 READY_TIMEOUT_S = 2.0  # /readyz: a replica that cannot take a ping this fast cannot take traffic either
 DRAIN_TIMEOUT_S = 25.0  # SIGTERM: in-flight requests get this long (under Kubernetes' default 30 s grace)
-ENDPOINTS = "POST /recommend, POST /rank, POST /v1/rerank, GET /healthz, GET /readyz, GET /docs"
+STATS_PUBLISH_S = 1.0  # the Prometheus gauges are recomputed at most this often
+ENDPOINTS = ("POST /recommend, POST /rank, POST /v1/rerank, GET /healthz, GET /readyz, GET /version, GET /stats, "
+             "GET /docs")
 
 
 class ReplicasUnavailable(Exception):
     """No model replica answered a request that was retried after its replica died."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """A request as the gateway forwards it: with the adapter that is live when it is forwarded."""
+
+    req: RecommendRequest | RankRequest | RerankRequest
+    adapter: AdapterRef
 
 
 async def _read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
@@ -101,16 +128,33 @@ class RecommenderReplica:
 
     # Generation blocks for tens of ms or more: keep the event loop free for health checks.
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # real values set from cfg.serve in __init__
-    async def recommend(self, reqs: list[RecommendRequest]) -> list[dict[str, Any]]:
-        return await asyncio.get_running_loop().run_in_executor(self.engine_thread, self.core.recommend, reqs)
+    async def recommend(self, jobs: list[Job]) -> list[dict[str, Any]]:
+        return await self._run(self.core.recommend, jobs)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def rank(self, reqs: list[RankRequest]) -> list[dict[str, Any]]:
-        return await asyncio.get_running_loop().run_in_executor(self.engine_thread, self.core.rank, reqs)
+    async def rank(self, jobs: list[Job]) -> list[dict[str, Any]]:
+        return await self._run(self.core.rank, jobs)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def rerank(self, reqs: list[RerankRequest]) -> list[dict[str, Any]]:
-        return await asyncio.get_running_loop().run_in_executor(self.engine_thread, self.core.rerank, reqs)
+    async def rerank(self, jobs: list[Job]) -> list[dict[str, Any]]:
+        return await self._run(self.core.rerank, jobs)
+
+    async def _run(self, fn: Callable[..., list[dict[str, Any]]], jobs: list[Job]) -> list[dict[str, Any]]:
+        """One engine call per adapter in the batch (two only in the batch that straddles a rollout)."""
+        loop = asyncio.get_running_loop()
+        groups: dict[AdapterRef, list[int]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault(job.adapter, []).append(i)
+        out: list[dict[str, Any]] = [{} for _ in jobs]
+        for adapter, idx in groups.items():
+            bodies = await loop.run_in_executor(self.engine_thread, fn, [jobs[i].req for i in idx], adapter)
+            for i, body in zip(idx, bodies, strict=True):
+                out[i] = body
+        return out
+
+    async def probe(self, adapter: AdapterRef) -> float:
+        """A rollout's last check: load the adapter into this replica's engine and score with it."""
+        return await asyncio.get_running_loop().run_in_executor(self.engine_thread, self.core.probe, adapter)
 
     async def ping(self) -> int:
         """/readyz: answered on the event loop, so a replica that is up answers even mid-batch."""
@@ -126,21 +170,73 @@ class Gateway:
         self.prompts = Prompts(self.run)
         self.model = model
         self.started = time.time()
-        self.model_name = f"{self.run.run_dir.name}/round-{self.run.round}"
         self.in_flight = 0  # requests past the drain check and not yet answered
         self.draining = False
+        self.rollout = Rollout(self.run.base_model, adapter_of(self.run), self._probe)
+        self.stats = LiveStats(self.prompts.catalogue, self.run.cfg.eval.ks, self.run.cfg.serve.stats_window)
+        self.gauges = StatsGauges()
+        self.published = 0.0
+        # Held so the task is not garbage-collected; the constructor runs on the replica's event loop.
+        self.follower = asyncio.get_running_loop().create_task(self._follow()) if self.run.cfg.serve.follow else None
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(self)
 
     def healthz(self) -> dict[str, Any]:
-        return {"status": "ok", "round": self.run.round, "items": len(self.prompts.catalogue),
+        live = self.rollout.live
+        return {"status": "ok", "round": live.round, "items": len(self.prompts.catalogue),
                 "task": self.run.cfg.data.task, "backend": self.prompts.gen_cfg.backend,
-                "adapter": self.run.adapter is not None, "uptime_s": round(time.time() - self.started, 1)}
+                "adapter": live.path is not None, "adapter_sha256": live.sha256,
+                "uptime_s": round(time.time() - self.started, 1)}
+
+    def version(self) -> dict[str, Any]:
+        """The live adapter, the ones a rollback returns to (newest first) and the latest refusals."""
+        return {"run": str(self.run.run_dir), "base_model": self.run.base_ref, **self.rollout.state(),
+                "follow": self.run.cfg.serve.follow}
+
+    def live_stats(self) -> dict[str, Any]:
+        snapshot = self.stats.snapshot()
+        self.gauges.publish(snapshot)
+        self.published = time.monotonic()
+        return {"live": self.rollout.live.public(), **snapshot}
+
+    async def deploy(self, path: str, round_id: int | None = None) -> dict[str, Any]:
+        """`sprec-ray deploy`: make `path` live. Answers a dict (ok, error, the new state) rather than
+        raising, so the command prints the reason, not a Ray trace."""
+        try:
+            await self.rollout.deploy(path, round_id)
+        except AdapterError as err:
+            return {"ok": False, "error": str(err), **self.version()}
+        return {"ok": True, **self.version()}
+
+    async def rollback(self) -> dict[str, Any]:
+        try:
+            await self.rollout.rollback()
+        except AdapterError as err:
+            return {"ok": False, "error": str(err), **self.version()}
+        return {"ok": True, **self.version()}
+
+    async def _probe(self, adapter: AdapterRef) -> float:
+        return await self.model.probe.remote(adapter)
+
+    async def _follow(self) -> None:
+        sft_only = self.run.cfg.selfplay.method == "sft_only"
+        while True:
+            try:
+                await self.rollout.follow(self.run.run_dir, sft_only)
+            except Exception:  # a poll that fails (storage hiccup) must not end the following
+                log.exception("serve.follow: polling %s failed", self.run.run_dir)
+            await asyncio.sleep(self.run.cfg.serve.follow_interval_s)
+
+    def _record(self, req: RecommendRequest, body: dict[str, Any]) -> None:
+        self.stats.add(body, req.k)
+        if time.monotonic() - self.published >= STATS_PUBLISH_S:
+            self.gauges.publish(self.stats.snapshot())
+            self.published = time.monotonic()
 
     async def readyz(self) -> JSONResponse:
         reason = "shutting down" if self.draining else await self._ping()
-        body = {"ready": reason is None, "round": self.run.round, "reason": reason}
+        body = {"ready": reason is None, "round": self.rollout.live.round, "reason": reason}
         if reason is None:
             return JSONResponse(body)
         return JSONResponse(body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
@@ -185,6 +281,8 @@ class Gateway:
             req = parse(await _read_body(request))
             check(req)
             body = await self._call(method, req)
+            if method == "recommend":
+                self._record(req, body)
             return JSONResponse(wrap(body) if wrap else body)
         except RequestError as err:
             return JSONResponse(err.to_json(), status_code=err.status)
@@ -199,7 +297,9 @@ class Gateway:
 
     def rerank_envelope(self, body: dict[str, Any]) -> dict[str, Any]:
         """The fields Cohere's clients read around the results."""
-        return {"id": uuid.uuid4().hex, "model": self.model_name, **body,
+        adapter = body["adapter"]
+        name = f"round-{adapter['round']}" if adapter["round"] is not None else f"adapter-{adapter['sha256'][:12]}"
+        return {"id": uuid.uuid4().hex, "model": f"{self.run.run_dir.name}/{name}", **body,
                 "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}}}
 
     async def _call(self, method: str, req: RecommendRequest | RankRequest | RerankRequest) -> dict[str, Any]:
@@ -207,11 +307,12 @@ class Gateway:
         dead replica, so the retry goes to a live one, or waits for a new one)."""
         from ray.exceptions import ActorUnavailableError, RayActorError
 
+        job = Job(req, self.rollout.live)
         try:
-            return await getattr(self.model, method).remote(req)
+            return await getattr(self.model, method).remote(job)
         except (RayActorError, ActorUnavailableError) as err:
             log.warning("/%s: its replica was lost (%s); sending it once more", method, type(err).__name__)
-        retry = getattr(self.model, method).remote(req)
+        retry = getattr(self.model, method).remote(job)
 
         async def answer() -> dict[str, Any]:
             return await retry
@@ -256,6 +357,18 @@ def build_api(gw: Gateway) -> FastAPI:
     async def readyz() -> JSONResponse:
         """Readiness: 200 when a model replica answers a ping within 2 s, else 503 with the reason."""
         return await gw.readyz()
+
+    @api.get("/version", response_model=VersionResponse)
+    def version() -> dict[str, Any]:
+        """The live adapter (round, sha256 of its weights, path), the ones a rollback returns to, and
+        the latest adapters refused."""
+        return gw.version()
+
+    @api.get("/stats", response_model=StatsResponse)
+    def stats() -> dict[str, Any]:
+        """The filter bubble over the latest /recommend answers, per adapter: DivRatio@k, ORRatio@k,
+        top10_share@1, not_in_catalogue_share (the offline definitions; docs/serving.md)."""
+        return gw.live_stats()
 
     @api.post("/recommend", response_model=RecommendResponse, responses=errors, openapi_extra=body_of(bodies[0]))
     async def recommend(request: Request) -> JSONResponse:
@@ -355,7 +468,11 @@ def serve_run(run_dir: str | Path, cfg_overrides: Sequence[str] = (), block: boo
         log.info("serving %s at %s (%s)", run.run_dir, url, ENDPOINTS)
         if not block:
             return url
-        print(f"serving {run.run_dir} at {url}  ({ENDPOINTS}); Ctrl-C or SIGTERM to stop", flush=True)
+        import ray
+
+        print(f"serving {run.run_dir} at {url}  ({ENDPOINTS}); Ctrl-C or SIGTERM to stop; change its adapter with "
+              f"`sprec-ray deploy --run {run.run_dir} ray_address={ray.get_runtime_context().gcs_address} "
+              f"--adapter DIR | --round N | --rollback`", flush=True)
         while True:
             # Short sleeps: a Ctrl-C the kernel hands to one of Ray's threads only raises
             # KeyboardInterrupt here once the main thread wakes up.

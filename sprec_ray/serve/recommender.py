@@ -31,6 +31,7 @@ from ..eval.grounding import normalise_title
 from ..generate.backends import resolve_backend
 from ..generate.scoring import answer_scores, candidate_rows, check_answer_lengths
 from ..models.base import model_dir
+from .adapters import AdapterError, AdapterRef, describe_adapter, newest_round
 from .schema import RankRequest, RecommendRequest, RequestError, RerankRequest
 
 log = logging.getLogger("sprec_ray.serve")
@@ -51,18 +52,23 @@ class RunInfo:
 
 
 def load_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> RunInfo:
-    """Read <run>/config.yaml (+ overrides) and <run>/final.json, checking every path they name."""
+    """Read <run>/config.yaml (+ overrides) and <run>/final.json, checking every path they name. With
+    serve.follow a run still training is served from its newest finished round."""
     run_dir = Path(run_dir).expanduser().resolve()
     if not (run_dir / "config.yaml").is_file():
         raise RunDirError(f"{run_dir}/config.yaml is missing: is {run_dir} a finished run directory?")
     cfg = load_config(run_dir / "config.yaml", overrides)
     final_path = run_dir / "final.json"
-    if not final_path.is_file():
-        raise RunDirError(f"{final_path} is missing: the run has not finished (train it first)")
-    try:
-        final = json.loads(final_path.read_text())
-    except json.JSONDecodeError as err:
-        raise RunDirError(f"{final_path} is not valid JSON: {err}") from None
+    if not final_path.is_file() and cfg.serve.follow:
+        final = _in_progress(run_dir, cfg)
+    elif not final_path.is_file():
+        raise RunDirError(f"{final_path} is missing: the run has not finished (train it first, or serve it "
+                          f"while it trains with serve.follow=true)")
+    else:
+        try:
+            final = json.loads(final_path.read_text())
+        except json.JSONDecodeError as err:
+            raise RunDirError(f"{final_path} is not valid JSON: {err}") from None
     if not isinstance(final, dict):
         raise RunDirError(f"{final_path} must hold a JSON object")
     for key, kinds in (("base_model", (str,)), ("adapter", (str, type(None))), ("round", (int,))):
@@ -80,6 +86,25 @@ def load_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> RunInfo:
         raise RunDirError(f"{final_path}: adapter {adapter} has no adapter_config.json")
     _check_remote_code(base, cfg.model.trust_remote_code)
     return RunInfo(run_dir, cfg, base, adapter, final["round"], base_ref)
+
+
+def _in_progress(run_dir: Path, cfg: RunConfig) -> dict[str, Any]:
+    """What final.json will say, for a run still training: its prepared base model and newest finished round."""
+    prepare = run_dir / "manifests" / "prepare.json"
+    newest = newest_round(run_dir, cfg.selfplay.method == "sft_only")
+    if not prepare.is_file() or newest is None:
+        raise RunDirError(f"{run_dir} has no finished round yet (no final.json, no round manifest): serve.follow "
+                          f"needs at least the warm start's adapter")
+    base = json.loads(prepare.read_text()).get("outputs", {}).get("base_model")
+    return {"base_model": base, "adapter": str(newest[1]), "round": newest[0]}
+
+
+def adapter_of(run: RunInfo) -> AdapterRef:
+    """The run's own adapter (final.json's, or the newest round's), checked against its base model."""
+    try:
+        return describe_adapter(run.adapter, run.base_model, run.round)
+    except AdapterError as err:
+        raise RunDirError(f"{run.run_dir}: {err}") from None
 
 
 def _check_remote_code(base: Path, trust_remote_code: bool) -> None:
@@ -184,8 +209,7 @@ class Recommender:
         self.catalogue = self.prompts.catalogue
         self.gen_cfg = self.prompts.gen_cfg
         self.logprob_norm = cfg.eval.logprob_norm
-        self.adapter_dir = str(run.adapter) if run.adapter is not None else None
-        self.adapter_id = run.round + 1  # vLLM LoRA ids must be positive
+        self.adapter = adapter_of(run)  # what a call without an adapter of its own serves
         self.backend = make_backend(self.gen_cfg, run.base_model, _adapter_rank(run.adapter, cfg.lora.r), cfg.seed)
         self.grounder = load_grounder(run.run_dir, self.catalogue, cfg.eval.embedder)
         # Fallback ranking for requests whose every generation is empty (nothing to ground).
@@ -193,18 +217,30 @@ class Recommender:
         log.info("serving %s round %d (%s backend, %d items)", run.run_dir, run.round, self.gen_cfg.backend,
                  len(self.catalogue))
 
-    def _scores(self, reqs: Sequence[RankRequest | RerankRequest]) -> list[tuple[np.ndarray, list]]:
+    def _scores(self, reqs: Sequence[RankRequest | RerankRequest], adapter: AdapterRef,
+                ) -> list[tuple[np.ndarray, list]]:
         """Per request: each answer's score (log-prob, normalised per cfg.eval.logprob_norm) and its
         token log-probs; one scoring call per batch."""
         token_lps = self.backend.candidate_logprobs([self.prompts.rank(r) for r in reqs],
                                                     [self.prompts.candidate_titles(r) for r in reqs],
-                                                    self.adapter_dir, self.adapter_id)
+                                                    adapter.path, adapter.engine_id)
         return [(answer_scores(lps, self.logprob_norm), lps) for lps in token_lps]
 
-    def rank(self, reqs: Sequence[RankRequest]) -> list[dict[str, Any]]:
+    def probe(self, adapter: AdapterRef) -> float:
+        """Load `adapter` into the engine and score one answer with it: the check a rollout makes on a
+        replica before any request is sent to the new adapter. Returns the log-prob (finite)."""
+        history = list(range(min(3, len(self.catalogue))))
+        req = RankRequest(tuple(history), (history[0],), 1, ())
+        scores, _ = self._scores([req], adapter)[0]
+        if not np.isfinite(scores).all():
+            raise AdapterError(f"{adapter.path} loads but scores {scores.tolist()}: not a usable adapter")
+        return float(scores[0])
+
+    def rank(self, reqs: Sequence[RankRequest], adapter: AdapterRef | None = None) -> list[dict[str, Any]]:
         """One response body per request: its candidates by descending log-prob, the top k."""
+        adapter = adapter or self.adapter
         out = []
-        for req, (scores, lps) in zip(reqs, self._scores(reqs), strict=True):
+        for req, (scores, lps) in zip(reqs, self._scores(reqs, adapter), strict=True):
             order = ranked(scores)[: req.k]
             out.append({
                 "items": [{**self._item(req.candidates[i], scores[i]), "logprob": round(float(sum(lps[i])), 6),
@@ -212,16 +248,17 @@ class Recommender:
                 "scoring": f"logprob-{self.logprob_norm}",
                 "dropped": list(req.dropped),
                 "history_cut": self.prompts.history_cut(req.history),
-                "round": self.run.round,
+                "round": adapter.round, "adapter": adapter.public(),
             })
         return out
 
-    def rerank(self, reqs: Sequence[RerankRequest]) -> list[dict[str, Any]]:
+    def rerank(self, reqs: Sequence[RerankRequest], adapter: AdapterRef | None = None) -> list[dict[str, Any]]:
         """`/v1/rerank` results: documents by descending log-prob, the top n. relevance_score is
         exp(score), the (geometric-mean with logprob-mean) probability of answering the document:
         the same order as the log-prob, in the 0..1 range rerank clients expect."""
+        adapter = adapter or self.adapter
         out = []
-        for req, (scores, _) in zip(reqs, self._scores(reqs), strict=True):
+        for req, (scores, _) in zip(reqs, self._scores(reqs, adapter), strict=True):
             results = []
             for i in ranked(scores)[: req.top_n]:
                 result: dict[str, Any] = {"index": int(i), "relevance_score": float(np.exp(scores[i])),
@@ -231,13 +268,15 @@ class Recommender:
                 results.append(result)
             out.append({"results": results, "scoring": f"logprob-{self.logprob_norm}",
                         "not_in_catalogue": [i for i, item in enumerate(req.item_ids) if item is None],
-                        "history_cut": self.prompts.history_cut(req.history), "round": self.run.round})
+                        "history_cut": self.prompts.history_cut(req.history), "round": adapter.round,
+                        "adapter": adapter.public()})
         return out
 
-    def recommend(self, reqs: Sequence[RecommendRequest]) -> list[dict[str, Any]]:
+    def recommend(self, reqs: Sequence[RecommendRequest], adapter: AdapterRef | None = None) -> list[dict[str, Any]]:
         """One response body per request, same order; one generate and one ground call per batch."""
+        adapter = adapter or self.adapter
         prompts = [self.prompts.recommend(r) for r in reqs]
-        generations = self.backend.generate(prompts, self.adapter_dir, self.adapter_id)
+        generations = self.backend.generate(prompts, adapter.path, adapter.engine_id)
         parsed = [[parse_response(t, self.catalogue) for t in outs] for outs in generations]
         excluded = [sorted(set(r.history)) if r.exclude_history else [] for r in reqs]
         wanted = [min(r.k, len(self.catalogue) - len(ex)) for r, ex in zip(reqs, excluded, strict=True)]
@@ -273,7 +312,7 @@ class Recommender:
                 "generated": parsed[i],
                 "source": source,
                 "history_cut": self.prompts.history_cut(reqs[i].history),
-                "round": self.run.round,
+                "round": adapter.round, "adapter": adapter.public(),
             })
         return out
 

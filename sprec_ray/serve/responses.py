@@ -10,6 +10,11 @@ from pydantic import BaseModel, Field
 _CUT = "how many of the oldest history items the prompt left out (the model sees the last data.max_history)"
 
 
+class AdapterInfo(BaseModel):
+    round: int | None = Field(description="self-play round of the adapter, when known")
+    sha256: str | None = Field(description="sha256 of adapter_model.safetensors; null for the bare base model")
+
+
 class Item(BaseModel):
     id: int = Field(description="catalogue item id")
     title: str
@@ -23,7 +28,8 @@ class RecommendResponse(BaseModel):
     source: Literal["model", "popularity"] = Field(
         description="popularity: the model named no title, so these are the most popular unseen items")
     history_cut: int = Field(description=_CUT)
-    round: int = Field(description="self-play round of the served adapter")
+    round: int | None = Field(description="self-play round of the adapter that answered")
+    adapter: AdapterInfo = Field(description="the adapter that answered")
 
 
 class RankedItem(Item):
@@ -36,7 +42,8 @@ class RankResponse(BaseModel):
     scoring: str = Field(description="logprob-mean or logprob-sum (eval.logprob_norm)")
     dropped: list[int] = Field(description="candidates left out because they are in the history (drop_history)")
     history_cut: int = Field(description=_CUT)
-    round: int
+    round: int | None
+    adapter: AdapterInfo
 
 
 class RerankDocument(BaseModel):
@@ -52,13 +59,14 @@ class RerankResult(BaseModel):
 
 class RerankResponse(BaseModel):
     id: str
-    model: str = Field(description="the served run: '<run dir name>/round-<n>'")
+    model: str = Field(description="the served run and adapter: '<run dir name>/round-<n>'")
     results: list[RerankResult] = Field(description="best first, the top n")
     not_in_catalogue: list[int] = Field(description="indices of documents that are not catalogue titles, scored "
                                                     "as free text")
     scoring: str
     history_cut: int = Field(description=_CUT)
-    round: int
+    round: int | None
+    adapter: AdapterInfo
     meta: dict = Field(description="Cohere's meta: api_version and billed_units")
 
 
@@ -69,5 +77,38 @@ class ErrorResponse(BaseModel):
 
 class ReadyResponse(BaseModel):
     ready: bool = Field(description="a model replica answered a ping within 2 s")
-    round: int
+    round: int | None
     reason: str | None = Field(None, description="why not: no replica answered, replica lost, shutting down")
+
+
+class AdapterState(AdapterInfo):
+    path: str | None = Field(description="the adapter directory; null for the bare base model")
+
+
+class Refusal(BaseModel):
+    path: str
+    reason: str
+
+
+class VersionResponse(BaseModel):
+    run: str
+    base_model: str
+    live: AdapterState = Field(description="the adapter every new request is answered with")
+    previous: list[AdapterState] = Field(description="what `sprec-ray deploy --rollback` returns to, newest first")
+    refused: list[Refusal] = Field(description="the latest adapters refused (wrong base model, corrupt, missing)")
+    follow: bool = Field(description="serve.follow: each finished self-play round is deployed")
+
+
+class AdapterStats(AdapterInfo):
+    responses_total: int = Field(description="/recommend answers by this adapter since the gateway started")
+    metrics: dict[str, float] = Field(description="over the window: responses, DivRatio@k, DivCount@k, ORRatio@k, "
+                                                  "rows@k, top10_share@1, not_in_catalogue_share, distinct_answers, "
+                                                  "popularity_fallback_share")
+
+
+class StatsResponse(BaseModel):
+    live: AdapterInfo
+    window: int = Field(description="serve.stats_window: the last this many /recommend answers per adapter")
+    ks: list[int] = Field(description="the k of the @k metrics (eval.ks)")
+    endpoint: str
+    adapters: dict[str, AdapterStats] = Field(description="per adapter, keyed by the first 12 hex digits of its sha256")
