@@ -54,7 +54,7 @@ def evaluate_run(run: str | Path, overrides: list[str] | tuple[str, ...] = (), s
         adapter_dir = str(Path(adapter).resolve()) if adapter else (str(info.adapter) if info.adapter else None)
         greedy = Decoding("greedy", 1, max_new_tokens=cfg.generation.max_new_tokens)
         [(completions, timing)] = session.generate([(session.prompts(rows), greedy)], adapter_dir,
-                                                  adapter_id=info.round + 1)
+                                                  round_id=info.round + 1)
         if out is None:
             stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
             out_dir, n = run_dir / "evals" / stamp, 1

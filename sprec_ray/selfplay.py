@@ -106,7 +106,7 @@ class SelfPlayDriver:
         if self.init_adapter:  # staged like the base model: other nodes cannot read the driver's disk
             adapter = str(link_tree(self.init_adapter.resolve(), self.run_dir / "init_adapter"))
         else:
-            adapter = self._train(0, None)[Phase(0, "sft").name].outputs["adapter"]
+            adapter = self._fit_round(0, None)[Phase(0, "sft").name].outputs["adapter"]
         results: list[tuple[int, dict[str, float]]] = []  # (round, validation metrics)
         tests: list[tuple[int, dict[str, float]]] = []
         if not self.data.counts.get("test"):
@@ -114,19 +114,20 @@ class SelfPlayDriver:
                      cfg.data.test_file)
         for r in range(1, cfg.selfplay.rounds + 1):
             # one generation pass with round r-1's adapter: score it, and generate round r's negatives
-            self._score(r - 1, self._generation_pass(r - 1, adapter, negatives_for=r), results, tests)
-            fit = self._train(r, adapter)
+            self._collect_metrics(r - 1, self._generation_pass(r - 1, adapter, negatives_for=r), results, tests)
+            fit = self._fit_round(r, adapter)
             adapter = fit[Phase(r, "sft" if cfg.selfplay.method == "sft_only" else "dpo").name].outputs["adapter"]
         last = cfg.selfplay.rounds
-        self._score(last, self._generation_pass(last, adapter, negatives_for=None), results, tests)
+        self._collect_metrics(last, self._generation_pass(last, adapter, negatives_for=None), results, tests)
         self.session.shutdown_pool()
         write_final(self.run_dir, self.session.base_model, adapter, cfg.selfplay.rounds)
         self._write_report(results, tests)
         return [(round_label(r), m) for r, m in results]
 
     @staticmethod
-    def _score(r: int, done: dict[str, PhaseRecord], results: list[tuple[int, dict[str, float]]],
-               tests: list[tuple[int, dict[str, float]]]) -> None:
+    def _collect_metrics(r: int, done: dict[str, PhaseRecord], results: list[tuple[int, dict[str, float]]],
+                         tests: list[tuple[int, dict[str, float]]]) -> None:
+        """Round r's validation and test metrics, copied out of its phase records for the report."""
         for stage, scores in (("eval", results), ("test", tests)):
             if Phase(r, stage).name in done:
                 scores.append((r, done[Phase(r, stage).name].metrics))
@@ -153,13 +154,14 @@ class SelfPlayDriver:
                 groups[Phase(negatives_for, "negatives").name] = (self.session.prompts(rows),
                                                                    Decoding.from_config(self.cfg.generation))
             wanted = [n for n in todo if n in groups]
-            generated = dict(zip(wanted, self.session.generate([groups[n] for n in wanted], adapter, adapter_id=r + 1),
+            # Pass number r + 1 (it feeds round r + 1): the pool's sampling seeds derive from it.
+            generated = dict(zip(wanted, self.session.generate([groups[n] for n in wanted], adapter, round_id=r + 1),
                                  strict=True)) if wanted else {}
             out = {}
             for name in todo:
                 t, stage = time.perf_counter(), by_name[name].stage
                 if stage == "negatives":
-                    outputs, metrics = self._negatives(negatives_for, rows, generated.get(name))
+                    outputs, metrics = self._build_negatives(negatives_for, rows, generated.get(name))
                 else:
                     outputs, metrics = self.session.evaluate(split_rows[stage], *generated[name],
                                                              self.run_dir / f"r{r}" / f"{stage}_predictions.jsonl",
@@ -171,7 +173,7 @@ class SelfPlayDriver:
 
         return self.phases(list(by_name), body)
 
-    def _train(self, r: int, init_adapter: str | None) -> dict[str, PhaseRecord]:
+    def _fit_round(self, r: int, init_adapter: str | None) -> dict[str, PhaseRecord]:
         """Round r's fit: SFT (the warm start when r = 0), then DPO on the round's negatives."""
         from .train.phases import Stage, run_fit
 
@@ -179,10 +181,10 @@ class SelfPlayDriver:
 
         def body(_: list[str]) -> dict[str, tuple[dict[str, Any], dict[str, float], float]]:
             rows = self._round_rows(r) if r > 0 else None  # round 0 trains on the whole train split's shards
-            stages = [Stage("sft", names[0], self._dataset(names[0], rows), self.run_dir / f"r{r}" / "sft", r)]
+            stages = [Stage("sft", names[0], self._prompt_shards(names[0], rows), self.run_dir / f"r{r}" / "sft", r)]
             pairs = 0
             if len(names) > 1:
-                dataset, pairs = self._dpo_dataset(r, self.store.load(Phase(r, "negatives").name))
+                dataset, pairs = self._dpo_pairs(r, self.store.load(Phase(r, "negatives").name))
                 if pairs:
                     stages.append(Stage("dpo", names[1], dataset, self.run_dir / f"r{r}" / "dpo", r))
                 else:  # every prediction was empty or equal to the target: nothing to push down this round
@@ -224,8 +226,8 @@ class SelfPlayDriver:
                  "test_rows": float(self.data.counts.get("test", 0)),
                  "items": float(len(self.data.catalogue)), "bad_rows": float(sum(self.data.bad_rows.values()))})
 
-    def _dataset(self, name: str, rows: Sequence[Example] | None, negatives: Sequence[Sequence[int]] | None = None,
-                 rejected_texts: Sequence[Sequence[str]] | None = None) -> PromptShards:
+    def _prompt_shards(self, name: str, rows: Sequence[Example] | None, negatives: Sequence[Sequence[int]] | None = None,
+                       rejected_texts: Sequence[Sequence[str]] | None = None) -> PromptShards:
         """A phase's rows as id shards: `rows` written as its own, or None = the prepared train split.
         The fit builds their prompts, on this process or, past train.stream_rows, on its workers."""
         shards = self.data.split_dir("train")
@@ -240,7 +242,7 @@ class SelfPlayDriver:
         """(num_candidates, seed) in the candidate task, which fixes each row's list (data/candidates.py)."""
         return (self.cfg.data.num_candidates, self.cfg.seed) if self.cfg.data.task == "candidates" else None
 
-    def _negatives(self, r: int, rows: Sequence[Example], generated: tuple[list[list[str]], dict[str, float]] | None):
+    def _build_negatives(self, r: int, rows: Sequence[Example], generated: tuple[list[list[str]], dict[str, float]] | None):
         from .generate.round_negatives import round_negatives, write_negatives
 
         completions, timing = generated if generated is not None else (None, {})
@@ -250,7 +252,7 @@ class SelfPlayDriver:
         write_negatives(path, rows, ids, texts)
         return {"negatives": str(path)}, {**stats, **timing}
 
-    def _dpo_dataset(self, r: int, negatives: PhaseRecord) -> tuple[Any, int]:
+    def _dpo_pairs(self, r: int, negatives: PhaseRecord) -> tuple[Any, int]:
         """The round's preference pairs as a prompt dataset, and how many rows kept a negative."""
         from .generate.round_negatives import read_negatives
 
@@ -258,8 +260,8 @@ class SelfPlayDriver:
         rows = [e for e in self._round_rows(r) if e.row_id in by_row]
         if not rows:
             return None, 0
-        dataset = self._dataset(f"r{r}_dpo", rows, [by_row[e.row_id][0] for e in rows],
-                                [by_row[e.row_id][1] for e in rows])
+        dataset = self._prompt_shards(f"r{r}_dpo", rows, [by_row[e.row_id][0] for e in rows],
+                                      [by_row[e.row_id][1] for e in rows])
         return dataset, len(rows)
 
     def _write_report(self, results: list[tuple[int, dict[str, float]]], tests: list[tuple[int, dict[str, float]]]) -> None:

@@ -13,7 +13,7 @@ from .artefacts import load_grounder
 from .config import RunConfig
 from .data.candidates import candidates_of
 from .data.prepared import PreparedData
-from .data.prompts import render_candidate_prompt, render_prompt
+from .data.prompts import render_task_prompt
 from .data.records import Example
 from .generate.backends import Decoding
 from .runtime import check_visible_on_every_node, init_ray
@@ -46,14 +46,12 @@ class RunSession:
         return candidates_of(e, len(self.data.catalogue), self.cfg.data.num_candidates, self.cfg.seed)
 
     def prompts(self, rows: Sequence[Example]) -> list[str]:
-        titles, noun = self.data.catalogue.titles, self.cfg.data.item_noun
-        if self.cfg.data.task == "candidates":
-            return [render_candidate_prompt([titles[i] for i in e.history], [titles[c] for c in self.candidates(e)], noun)
-                    for e in rows]
-        return [render_prompt([titles[i] for i in e.history], noun) for e in rows]
+        titles, task = self.data.catalogue.titles, self.cfg.data.task
+        shown = (lambda e: [titles[c] for c in self.candidates(e)]) if task == "candidates" else (lambda e: [])
+        return [render_task_prompt(task, [titles[i] for i in e.history], shown(e), self.cfg.data.item_noun) for e in rows]
 
     def evaluate(self, rows: Sequence[Example], completions: list[list[str]], timing: dict[str, float], path: Path,
-                 adapter: str | None, adapter_id: int):
+                 adapter: str | None, round_id: int):
         """Ground the rows' completions, score them, and write one prediction per row to `path`; with
         eval.candidate_scoring=logprob, also rank each row's candidates by log-prob with `adapter`."""
         import time
@@ -71,7 +69,7 @@ class RunSession:
             lists = candidates or [self.candidates(e) for e in rows]
             titles = self.data.catalogue.titles
             token_lps = self.score(self.prompts(rows), [[titles[c] for c in cands] for cands in lists], adapter,
-                                   adapter_id)
+                                   round_id)
             scores = [answer_scores(t, self.cfg.eval.logprob_norm) for t in token_lps]
             metrics.update(rank_metrics(scores, lists, [e.target for e in rows], self.cfg.eval.ks))
             metrics["rank_s"] = time.perf_counter() - start
@@ -88,7 +86,7 @@ class RunSession:
         return self._grounder
 
     def generate(self, groups: Sequence[tuple[Sequence[str], Decoding]], adapter: str | None,
-                 adapter_id: int) -> list[tuple[list[list[str]], dict[str, float]]]:
+                 round_id: int) -> list[tuple[list[list[str]], dict[str, float]]]:
         """Completions for each (prompts, decoding) group, in prompt order, from one adapter: one
         switch and one probe for all of them, and groups that decode alike share one request stream.
         Timing per group: actor start-up (when this call started the pool), adapter hand-off
@@ -99,7 +97,7 @@ class RunSession:
             for decoding in dict.fromkeys(d for _, d in groups):  # distinct decodings, first-seen order
                 members = [i for i, (_, d) in enumerate(groups) if d == decoding]
                 prompts = [p for i in members for p in groups[i][0]]
-                completions = self._pool.generate(prompts, adapter, adapter_id, decoding=decoding)
+                completions = self._pool.generate(prompts, adapter, round_id, decoding=decoding)
                 stats = self._pool.last_stats
                 at = 0
                 for i in members:
@@ -118,10 +116,10 @@ class RunSession:
                 self.shutdown_pool()
 
     def score(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]], adapter: str | None,
-              adapter_id: int) -> list[list[list[float]]]:
+              round_id: int) -> list[list[list[float]]]:
         """Each prompt's candidate answers' token log-probs, on the pool (generate/scoring.py)."""
         try:
-            return self._started_pool().score(prompts, candidates, adapter, adapter_id)
+            return self._started_pool().score(prompts, candidates, adapter, round_id)
         finally:
             if not self.cfg.generation.keep_alive:
                 self.shutdown_pool()

@@ -86,11 +86,11 @@ def hf(tiny_model_dir):
     backend.close()
 
 
-def hf_by_shards(hf, prompts, adapter, adapter_id, size=5):
+def hf_by_shards(hf, prompts, adapter, lora_id, size=5):
     """In-process reference with the pool's shard boundaries (same padded batches)."""
     out = []
     for s in range(0, len(prompts), size):
-        out += hf.generate(prompts[s:s + size], adapter, adapter_id)
+        out += hf.generate(prompts[s:s + size], adapter, lora_id)
     return out
 
 
@@ -346,10 +346,10 @@ def test_vllm_pool_next_round_serves_the_new_adapter(vllm_pool, vllm_greedy_a, p
     moving = tmp_path / "latest"
     shutil.copytree(a, moving)
     assert vllm_pool.generate(prompts, moving, round_id=3) == vllm_greedy_a
-    first_id = vllm_pool.last_stats.adapter_id
+    first_id = vllm_pool.last_stats.lora_id
     shutil.copy(b / "adapter_model.safetensors", moving / "adapter_model.safetensors")
     assert vllm_pool.generate(prompts, moving, round_id=3) == out_b
-    assert vllm_pool.last_stats.adapter_id != first_id
+    assert vllm_pool.last_stats.lora_id != first_id
 
 
 @pytest.mark.slow

@@ -32,13 +32,13 @@ class ProbeResult:
 
 
 def run_probe(backend: GenerationBackend, prompts: Sequence[str], adapter_dir: str | Path | None,
-              adapter_id: int, max_new_tokens: int = 16) -> ProbeResult:
+              lora_id: int, max_new_tokens: int = 16) -> ProbeResult:
     """The engine's greedy completion per probe prompt, scored by the engine itself. Its own likely
     text: a stale adapter's favourite continuation scores differently under the expected adapter."""
     greedy = Decoding("greedy", 1, 1.0, max_new_tokens)
-    rows = backend.generate(prompts, adapter_dir, adapter_id, decoding=greedy)
+    rows = backend.generate(prompts, adapter_dir, lora_id, decoding=greedy)
     texts = [row[0] if row and row[0] else '"' for row in rows]  # an empty completion has nothing to score
-    lps = backend.token_logprobs(prompts, texts, adapter_dir, adapter_id)
+    lps = backend.token_logprobs(prompts, texts, adapter_dir, lora_id)
     return ProbeResult(tuple(prompts), tuple(texts), tuple(tuple(x) for x in lps))
 
 
@@ -50,7 +50,7 @@ def reference_token_logprobs(base_model: str | Path, adapter_dir: str | Path | N
     cfg = GenerationConfig(backend="hf", max_model_len=max_model_len)
     backend = HFBackend(cfg, base_model, seed=0, device="cpu", dtype="float32")
     try:
-        return backend.token_logprobs(prompts, completions, adapter_dir, adapter_id=1)
+        return backend.token_logprobs(prompts, completions, adapter_dir, lora_id=1)
     finally:
         backend.close()
 

@@ -62,30 +62,30 @@ class GenerationBackend:
 
     cfg: GenerationConfig
 
-    def generate(self, prompts: Sequence[str], adapter_dir: str | Path | None, adapter_id: int,
+    def generate(self, prompts: Sequence[str], adapter_dir: str | Path | None, lora_id: int,
                  seed: int | None = None, decoding: Decoding | None = None) -> list[list[str]]:
         """n completions per prompt (cfg.n unless `decoding` overrides), in input order.
         adapter_dir None = the base model."""
-        return self.generate_counted(prompts, adapter_dir, adapter_id, seed, decoding).texts
+        return self.generate_counted(prompts, adapter_dir, lora_id, seed, decoding).texts
 
-    def generate_counted(self, prompts: Sequence[str], adapter_dir: str | Path | None, adapter_id: int,
+    def generate_counted(self, prompts: Sequence[str], adapter_dir: str | Path | None, lora_id: int,
                          seed: int | None = None, decoding: Decoding | None = None) -> Generated:
         dec = (decoding or Decoding.from_config(self.cfg)).check()
         if not prompts:
             return Generated([], 0)
-        return self._generate(list(prompts), adapter_dir, adapter_id, seed, dec)
+        return self._generate(list(prompts), adapter_dir, lora_id, seed, dec)
 
-    def _generate(self, prompts: list[str], adapter_dir: str | Path | None, adapter_id: int,
+    def _generate(self, prompts: list[str], adapter_dir: str | Path | None, lora_id: int,
                   seed: int | None, dec: Decoding) -> Generated:
         raise NotImplementedError
 
     def token_logprobs(self, prompts: Sequence[str], completions: Sequence[str],
-                       adapter_dir: str | Path | None, adapter_id: int) -> list[list[float]]:
+                       adapter_dir: str | Path | None, lora_id: int) -> list[list[float]]:
         """log p(token | prefix) of every completion token, completion tokenized on its own."""
         raise NotImplementedError
 
     def candidate_logprobs(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]],
-                           adapter_dir: str | Path | None, adapter_id: int) -> list[list[list[float]]]:
+                           adapter_dir: str | Path | None, lora_id: int) -> list[list[list[float]]]:
         """Per prompt and candidate title, log p of each token of its answer '"Title"' + EOS (scoring.py)."""
         raise NotImplementedError
 

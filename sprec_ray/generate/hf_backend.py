@@ -51,9 +51,9 @@ class HFBackend(GenerationBackend):
         self._active: tuple[int, Path] | None = None  # the merged adapter; None = base weights
 
     # ---- adapters --------------------------------------------------------------------------
-    def _activate(self, adapter_dir: str | Path | None, adapter_id: int) -> None:
+    def _activate(self, adapter_dir: str | Path | None, lora_id: int) -> None:
         path = adapter_path(adapter_dir)
-        wanted = None if path is None else (adapter_id, path)
+        wanted = None if path is None else (lora_id, path)
         if self._active == wanted:
             return
         import torch
@@ -85,7 +85,7 @@ class HFBackend(GenerationBackend):
             self._active = wanted
 
     # ---- generation ------------------------------------------------------------------------
-    def _generate(self, prompts: list[str], adapter_dir: str | Path | None, adapter_id: int,
+    def _generate(self, prompts: list[str], adapter_dir: str | Path | None, lora_id: int,
                   seed: int | None, dec: Decoding) -> Generated:
         import torch
         from transformers import GenerationConfig as HFGenerationConfig
@@ -100,7 +100,7 @@ class HFBackend(GenerationBackend):
             eos_token_id=sorted(self.eos_ids), pad_token_id=self.tokenizer.pad_token_id,
             stop_strings=[STOP_STRING],
         )
-        self._activate(adapter_dir, adapter_id)  # first: creating LoRA layers draws random numbers
+        self._activate(adapter_dir, lora_id)  # first: creating LoRA layers draws random numbers
         # one seed per call: the pool derives it from (run seed, round, shard), so results do not
         # depend on which actor ran the shard
         torch.manual_seed(self.seed if seed is None else seed)
@@ -127,7 +127,7 @@ class HFBackend(GenerationBackend):
 
     # ---- scoring ---------------------------------------------------------------------------
     def token_logprobs(self, prompts: Sequence[str], completions: Sequence[str],
-                       adapter_dir: str | Path | None, adapter_id: int) -> list[list[float]]:
+                       adapter_dir: str | Path | None, lora_id: int) -> list[list[float]]:
         import torch
 
         if len(prompts) != len(completions):
@@ -142,7 +142,7 @@ class HFBackend(GenerationBackend):
             ids[i, : len(p) + len(c)] = torch.tensor(p + c)
             mask[i, : len(p) + len(c)] = 1
         result: list[list[float]] = []
-        self._activate(adapter_dir, adapter_id)
+        self._activate(adapter_dir, lora_id)
         with torch.inference_mode():
             logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.float()
             logp = torch.log_softmax(logits, dim=-1).cpu()
@@ -152,7 +152,7 @@ class HFBackend(GenerationBackend):
         return result
 
     def candidate_logprobs(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]],
-                           adapter_dir: str | Path | None, adapter_id: int) -> list[list[list[float]]]:
+                           adapter_dir: str | Path | None, lora_id: int) -> list[list[list[float]]]:
         import torch
 
         from ..train.shared_prefix import use_prefix_sharing
@@ -160,7 +160,7 @@ class HFBackend(GenerationBackend):
 
         rows = candidate_rows(self.tokenizer, prompts, candidates)
         check_answer_lengths(rows, self.cfg.max_model_len)
-        self._activate(adapter_dir, adapter_id)
+        self._activate(adapter_dir, lora_id)
         # flash-attn cannot express "the prompt but not the sibling answer": one row per candidate there
         shared = use_prefix_sharing("auto", getattr(self.model.config, "_attn_implementation", "sdpa"))
         with torch.inference_mode():

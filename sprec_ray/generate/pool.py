@@ -3,7 +3,7 @@
 
 The driver cuts the prompts into shards of `cfg.shard_size` and keeps up to
 `cfg.max_inflight_per_actor` shards queued on each actor, always feeding the least busy one
-(`ray.wait` on everything in flight). Results come back tagged with (round, adapter id, shard) and
+(`ray.wait` on everything in flight). Results come back tagged with (round, LoRA id, shard) and
 are put back in input order. Nothing waits forever: every `ray.wait`/`ray.get` has a deadline.
 
 Faults: an actor that dies, or does not answer within `cfg.request_timeout_s`, is killed, its queued
@@ -13,8 +13,10 @@ actor is left or a shard raises an error of its own (a bad prompt fails the same
 Ray's own actor restarts and task retries are off: they would restart a crashed actor but not a
 hung one, re-run a shard on an actor that has lost its adapter, and budget restarts per actor.
 
-Adapters: a round's adapter gets a fresh LoRA id whenever its (round, dir, file contents) change, and
-each actor that switches to it must pass the probe check (adapter_check.py) before it gets a shard.
+Two numbers name what a request runs: `round_id`, the caller's generation pass (sampling seeds
+derive from it), and `lora_id`, the engine's slot for an adapter, which the pool alone hands out: a
+fresh one whenever (round, dir, file contents) change. Each actor that switches to an adapter must
+pass the probe check (adapter_check.py) before it gets a shard.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class Scoring:
 class ShardResult:
     shard: int
     round_id: int
-    adapter_id: int
+    lora_id: int
     outputs: list  # per item: n completions, or per candidate its answer's token log-probs
     num_tokens: int  # generated, or scored
     seconds: float
@@ -72,7 +74,7 @@ class RoundStats:
     """What one `generate` call did; `pool.last_stats` after each round."""
 
     round_id: int
-    adapter_id: int
+    lora_id: int
     prompts: int = 0
     shards: int = 0
     completions: int = 0
@@ -112,22 +114,22 @@ class GenerationActor:
         bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
         return os.getpid(), f"{torch.get_num_threads()} torch threads" + (f", vLLM cores {bind}" if bind else "")
 
-    def switch(self, adapter_dir: str | None, adapter_id: int, probe_prompts: list[str]) -> ProbeResult | None:
+    def switch(self, adapter_dir: str | None, lora_id: int, probe_prompts: list[str]) -> ProbeResult | None:
         self.backend.reclaim()
         if not probe_prompts:
             return None
-        return run_probe(self.backend, probe_prompts, adapter_dir, adapter_id)
+        return run_probe(self.backend, probe_prompts, adapter_dir, lora_id)
 
-    def run_shard(self, shard: int, round_id: int, adapter_dir: str | None, adapter_id: int,
+    def run_shard(self, shard: int, round_id: int, adapter_dir: str | None, lora_id: int,
                   items: list, seed: int, work: Decoding | Scoring) -> ShardResult:
         start = time.perf_counter()
         self.backend.reclaim()
         if isinstance(work, Scoring):
-            scores = self.backend.candidate_logprobs([p for p, _ in items], [c for _, c in items], adapter_dir, adapter_id)
-            return ShardResult(shard, round_id, adapter_id, scores, sum(len(a) for row in scores for a in row),
+            scores = self.backend.candidate_logprobs([p for p, _ in items], [c for _, c in items], adapter_dir, lora_id)
+            return ShardResult(shard, round_id, lora_id, scores, sum(len(a) for row in scores for a in row),
                                time.perf_counter() - start)
-        out = self.backend.generate_counted(items, adapter_dir, adapter_id, seed, work)
-        return ShardResult(shard, round_id, adapter_id, out.texts, out.num_tokens, time.perf_counter() - start)
+        out = self.backend.generate_counted(items, adapter_dir, lora_id, seed, work)
+        return ShardResult(shard, round_id, lora_id, out.texts, out.num_tokens, time.perf_counter() - start)
 
     def release(self) -> None:
         self.backend.release()
@@ -153,6 +155,24 @@ class _Task:
     deadline: float
     shard: int = -1
     key: tuple | None = None
+
+
+@dataclass
+class _Round:
+    """One `generate` / `score` call while the scheduling loop runs: its shards and what came back."""
+
+    items: list  # prompts, or (prompt, candidate titles)
+    bounds: list[tuple[int, int]]  # shard i = items[lo:hi]
+    key: tuple  # (round_id, adapter dir, adapter fingerprint)
+    lora_id: int
+    work: Decoding | Scoring
+    stats: RoundStats
+    queue: deque[int] = field(default_factory=deque)  # shards not yet dispatched, lowest first
+    results: list[ShardResult | None] = field(default_factory=list)
+
+    @property
+    def round_id(self) -> int:
+        return self.key[0]
 
 
 def shard_seed(seed: int, round_id: int, shard: int) -> int:
@@ -243,8 +263,7 @@ class GenerationPool:
         slot.state, slot.key, slot.inflight = "starting", None, 0
         self._pending[slot.actor.ready.remote()] = _Task("start", slot.index, time.monotonic() + cfg.startup_timeout_s)
 
-    def _fail(self, slot: _Slot, why: str, queue: deque[int], stats: RoundStats | None,
-              failed: _Task | None = None) -> None:
+    def _fail(self, slot: _Slot, why: str, rnd: _Round, failed: _Task | None = None) -> None:
         """Kill the actor, re-queue its shards (`failed`: the task that showed the failure, already
         taken off the pending map), start a replacement if the budget allows."""
         import ray
@@ -256,9 +275,8 @@ class GenerationPool:
                 del self._pending[ref]
                 lost.append(task)
         for task in sorted((t for t in lost if t.kind == "shard"), key=lambda t: -t.shard):
-            queue.appendleft(task.shard)  # lowest shard first again
-            if stats is not None:
-                stats.requeued += 1
+            rnd.queue.appendleft(task.shard)  # lowest shard first again
+            rnd.stats.requeued += 1
         try:
             ray.kill(slot.actor, no_restart=True)
         except Exception as err:  # already gone
@@ -266,13 +284,12 @@ class GenerationPool:
         slot.state, slot.inflight = "dead", 0
         if self._restarts < self.cfg.max_actor_restarts:
             self._restarts += 1
-            if stats is not None:
-                stats.replaced += 1
+            rnd.stats.replaced += 1
             log.warning("starting replacement actor %d (%d/%d restarts used)", slot.index, self._restarts,
                         self.cfg.max_actor_restarts)
             self._start(slot)
-        elif stats is not None:
-            stats.dropped += 1
+        else:
+            rnd.stats.dropped += 1
 
     # ---- adapters ----------------------------------------------------------------------------
     def _adapter_key(self, adapter_dir: str | Path | None, round_id: int) -> tuple:
@@ -322,13 +339,14 @@ class GenerationPool:
         if self._broken is not None:
             raise GenerationError(f"this pool failed earlier ({self._broken!r}); shut it down and start a new one")
         key = self._adapter_key(adapter_dir, round_id)
-        adapter_id = self._key_ids.setdefault(key, len(self._key_ids) + 1)
-        stats = RoundStats(round_id, adapter_id, prompts=len(items))
+        lora_id = self._key_ids.setdefault(key, len(self._key_ids) + 1)
+        stats = RoundStats(round_id, lora_id, prompts=len(items))
         size = self.cfg.shard_size
         bounds = [(s, min(s + size, len(items))) for s in range(0, len(items), size)]
         stats.shards = len(bounds)
+        rnd = _Round(items, bounds, key, lora_id, work, stats, deque(range(len(bounds))), [None] * len(bounds))
         try:
-            results = self._run(items, bounds, key, adapter_id, work, stats, progress)
+            results = self._run(rnd, progress)
         except BaseException as err:
             self._broken = err
             raise
@@ -341,30 +359,26 @@ class GenerationPool:
                  stats.requeued, stats.replaced)
         return out
 
-    def _run(self, items: list, bounds: list[tuple[int, int]], key: tuple, adapter_id: int,
-             work: Decoding | Scoring, stats: RoundStats, progress: Callable[[int, int], None] | None) -> list[ShardResult]:
+    def _run(self, rnd: _Round, progress: Callable[[int, int], None] | None) -> list[ShardResult]:
         """The scheduling loop: switch idle engines to the adapter, dispatch shards to ready ones,
         collect whatever finishes first (or fail what missed its deadline), until every shard is back."""
-        cfg = self.cfg
+        cfg, stats, bounds = self.cfg, rnd.stats, rnd.bounds
         start = time.perf_counter()
-        round_id = key[0]
-        prompts = [i[0] for i in items] if isinstance(work, Scoring) else items
+        prompts = [i[0] for i in rnd.items] if isinstance(rnd.work, Scoring) else rnd.items
         probe_prompts = prompts[: cfg.probe_size] if cfg.verify_adapter else []
-        queue: deque[int] = deque(range(len(bounds)))
-        results: list[ShardResult | None] = [None] * len(bounds)
         done = 0
         warming = True  # at round start, wait until every running engine switched: an even first split
         while done < len(bounds):
-            self._switch(key, adapter_id, probe_prompts)
+            self._switch(rnd.key, rnd.lora_id, probe_prompts)
             if warming and not any(s.state == "switching" for s in self._slots):
                 warming = False
                 stats.switch_s = time.perf_counter() - start
             if not warming:
-                self._dispatch(queue, bounds, items, key, adapter_id, work)
+                self._dispatch(rnd)
             if not self._pending:
-                raise GenerationError(f"round {round_id}: no generation actor left (all died; "
+                raise GenerationError(f"round {rnd.round_id}: no generation actor left (all died; "
                                       f"{self._restarts} restarts used), {len(bounds) - done} shards undone")
-            finished = self._collect(queue, stats, round_id)
+            finished = self._collect(rnd)
             if finished is None:
                 continue
             task, slot, value = finished
@@ -378,23 +392,23 @@ class GenerationPool:
                 slot.state, slot.key = "ready", task.key
             else:
                 slot.inflight -= 1
-                self._accept(value, task, round_id, adapter_id, items, work, bounds, results, stats)
+                self._accept(value, task, rnd)
                 done += 1
-                self._log_progress(round_id, results, len(items), start + stats.switch_s)
+                self._log_progress(rnd, start + stats.switch_s)
                 if progress is not None:
                     progress(done, len(bounds))
         stats.wall_s = time.perf_counter() - start
-        return results  # type: ignore[return-value]
+        return rnd.results  # type: ignore[return-value]
 
-    def _switch(self, key: tuple, adapter_id: int, probe_prompts: list[str]) -> None:
+    def _switch(self, key: tuple, lora_id: int, probe_prompts: list[str]) -> None:
         """Engines that are up but on another adapter (and idle) switch to this one and run the probe."""
         for slot in self._slots:
             if slot.state == "idle" or (slot.state == "ready" and slot.key != key and slot.inflight == 0):
                 slot.state = "switching"
-                ref = slot.actor.switch.remote(key[1], adapter_id, probe_prompts)
+                ref = slot.actor.switch.remote(key[1], lora_id, probe_prompts)
                 self._pending[ref] = _Task("switch", slot.index, time.monotonic() + self.cfg.request_timeout_s, key=key)
 
-    def _collect(self, queue: deque[int], stats: RoundStats, round_id: int) -> tuple[_Task, _Slot, Any] | None:
+    def _collect(self, rnd: _Round) -> tuple[_Task, _Slot, Any] | None:
         """The first finished task and its value; None when nothing finished within a short slice, or
         what finished had lost its actor (failed, its shards re-queued)."""
         import ray
@@ -406,62 +420,60 @@ class GenerationPool:
         if not ready:
             for ref, task in list(self._pending.items()):
                 if ref in self._pending and task.deadline <= time.monotonic():
-                    self._fail(self._slots[task.slot], f"{task.kind} timed out", queue, stats)
+                    self._fail(self._slots[task.slot], f"{task.kind} timed out", rnd)
             return None
         task = self._pending.pop(ready[0])
         slot = self._slots[task.slot]
         try:
             return task, slot, ray.get(ready[0], timeout=self.cfg.request_timeout_s)
         except (RayActorError, WorkerCrashedError, GetTimeoutError) as err:
-            self._fail(slot, f"{task.kind}: {type(err).__name__}: {err}", queue, stats, failed=task)
+            self._fail(slot, f"{task.kind}: {type(err).__name__}: {err}", rnd, failed=task)
             return None
         except Exception as err:  # the engine raised: deterministic, retrying elsewhere would too
             what = f"shard {task.shard}" if task.kind == "shard" else task.kind
-            raise GenerationError(f"round {round_id}: {what} failed on generation actor {slot.index}: {err}") from err
+            raise GenerationError(f"round {rnd.round_id}: {what} failed on generation actor {slot.index}: {err}") from err
 
     @staticmethod
-    def _log_progress(round_id: int, results: list[ShardResult | None], total: int, gen_start: float) -> None:
+    def _log_progress(rnd: _Round, gen_start: float) -> None:
         """'prompts done / total, rate, ETA' after every shard: a CPU round takes minutes."""
-        prompts_done = sum(len(r.outputs) for r in results if r is not None)
+        prompts_done, total = sum(len(r.outputs) for r in rnd.results if r is not None), len(rnd.items)
         elapsed = max(time.perf_counter() - gen_start, 1e-9)
         rate = prompts_done / elapsed
         eta = (total - prompts_done) / rate if rate > 0 else float("nan")
-        log.info("round %d: %d/%d prompts, %.2f prompts/s, ETA %.0fs", round_id, prompts_done, total, rate, eta)
+        log.info("round %d: %d/%d prompts, %.2f prompts/s, ETA %.0fs", rnd.round_id, prompts_done, total, rate, eta)
 
-    def _dispatch(self, queue: deque[int], bounds: list[tuple[int, int]], items: list, key: tuple,
-                  adapter_id: int, work: Decoding | Scoring) -> None:
-        cfg = self.cfg
-        while queue:
+    def _dispatch(self, rnd: _Round) -> None:
+        cfg, key = self.cfg, rnd.key
+        while rnd.queue:
             ready = [s for s in self._slots if s.state == "ready" and s.key == key
                      and s.inflight < cfg.max_inflight_per_actor]
             if not ready:
                 return
             slot = min(ready, key=lambda s: (s.inflight, s.index))  # least busy
-            shard = queue.popleft()
-            lo, hi = bounds[shard]
+            shard = rnd.queue.popleft()
+            lo, hi = rnd.bounds[shard]
             slot.inflight += 1
-            ref = slot.actor.run_shard.remote(shard, key[0], key[1], adapter_id, items[lo:hi],
-                                              shard_seed(self.seed, key[0], shard), work)
+            ref = slot.actor.run_shard.remote(shard, key[0], key[1], rnd.lora_id, rnd.items[lo:hi],
+                                              shard_seed(self.seed, key[0], shard), rnd.work)
             # a queued shard waits behind the ones before it on the same actor
             deadline = time.monotonic() + cfg.request_timeout_s * slot.inflight
             self._pending[ref] = _Task("shard", slot.index, deadline, shard=shard, key=key)
 
-    def _accept(self, value: ShardResult, task: _Task, round_id: int, adapter_id: int, items: list,
-                work: Decoding | Scoring, bounds: list[tuple[int, int]], results: list[ShardResult | None],
-                stats: RoundStats) -> None:
-        lo, hi = bounds[task.shard]
-        if (value.round_id, value.adapter_id, value.shard) != (round_id, adapter_id, task.shard):
+    def _accept(self, value: ShardResult, task: _Task, rnd: _Round) -> None:
+        lo, hi = rnd.bounds[task.shard]
+        round_id, lora_id = rnd.round_id, rnd.lora_id
+        if (value.round_id, value.lora_id, value.shard) != (round_id, lora_id, task.shard):
             raise GenerationError(f"stale result: shard {task.shard} came back tagged round {value.round_id}, "
-                                  f"adapter {value.adapter_id}, shard {value.shard}; expected round {round_id}, "
-                                  f"adapter {adapter_id}")
+                                  f"LoRA id {value.lora_id}, shard {value.shard}; expected round {round_id}, "
+                                  f"LoRA id {lora_id}")
         # n completions per prompt, or one score per candidate
-        expected = [len(c) for _, c in items[lo:hi]] if isinstance(work, Scoring) else [work.n] * (hi - lo)
+        expected = [len(c) for _, c in rnd.items[lo:hi]] if isinstance(rnd.work, Scoring) else [rnd.work.n] * (hi - lo)
         if [len(o) for o in value.outputs] != expected:
             raise GenerationError(f"shard {task.shard}: expected {expected} outputs per item, got "
                                   f"{[len(o) for o in value.outputs]}")
-        results[task.shard] = value
-        stats.gen_tokens += value.num_tokens
-        stats.shards_per_actor[task.slot] = stats.shards_per_actor.get(task.slot, 0) + 1
+        rnd.results[task.shard] = value
+        rnd.stats.gen_tokens += value.num_tokens
+        rnd.stats.shards_per_actor[task.slot] = rnd.stats.shards_per_actor.get(task.slot, 0) + 1
 
     # ---- teardown ------------------------------------------------------------------------------
     def release(self) -> None:

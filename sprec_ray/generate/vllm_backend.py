@@ -65,31 +65,31 @@ class VLLMBackend(GenerationBackend):
         self._asleep = False
 
     # ---- adapters --------------------------------------------------------------------------
-    def _lora(self, adapter_dir: str | Path | None, adapter_id: int):
+    def _lora(self, adapter_dir: str | Path | None, lora_id: int):
         from vllm.lora.request import LoRARequest
 
         path = adapter_path(adapter_dir)
         if path is None:
             return None
-        if adapter_id < 1:
-            raise ValueError(f"vLLM LoRA ids must be >= 1, got {adapter_id}")
-        seen = self._paths.get(adapter_id)
+        if lora_id < 1:
+            raise ValueError(f"vLLM LoRA ids must be >= 1, got {lora_id}")
+        seen = self._paths.get(lora_id)
         if seen is not None and seen != path:
-            raise ValueError(f"LoRA id {adapter_id} was loaded from {seen}; reusing it for {path} would serve "
+            raise ValueError(f"LoRA id {lora_id} was loaded from {seen}; reusing it for {path} would serve "
                              "the cached (stale) weights: use a new id per adapter")
-        self._paths[adapter_id] = path
-        if self._current is not None and self._current != adapter_id:
+        self._paths[lora_id] = path
+        if self._current is not None and self._current != lora_id:
             self.llm.llm_engine.remove_lora(self._current)  # max_loras=1: free the slot eagerly
-        self._current = adapter_id
-        return LoRARequest(f"adapter-{adapter_id}", adapter_id, str(path))
+        self._current = lora_id
+        return LoRARequest(f"adapter-{lora_id}", lora_id, str(path))
 
     # ---- generation ------------------------------------------------------------------------
-    def _generate(self, prompts: list[str], adapter_dir: str | Path | None, adapter_id: int,
+    def _generate(self, prompts: list[str], adapter_dir: str | Path | None, lora_id: int,
                   seed: int | None, dec: Decoding) -> Generated:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        lora = self._lora(adapter_dir, adapter_id)
+        lora = self._lora(adapter_dir, lora_id)
         ids = [self.tokenizer(p)["input_ids"] for p in prompts]
         check_prompt_lengths([len(x) for x in ids], dec.max_new_tokens, self.cfg.max_model_len)
         inputs = [TokensPrompt(prompt_token_ids=x) for x in ids]
@@ -123,21 +123,21 @@ class VLLMBackend(GenerationBackend):
 
     # ---- scoring ---------------------------------------------------------------------------
     def token_logprobs(self, prompts: Sequence[str], completions: Sequence[str],
-                       adapter_dir: str | Path | None, adapter_id: int) -> list[list[float]]:
+                       adapter_dir: str | Path | None, lora_id: int) -> list[list[float]]:
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
         pairs = [(self.tokenizer(p)["input_ids"], self.tokenizer(c, add_special_tokens=False)["input_ids"])
                  for p, c in zip(prompts, completions, strict=True)]
-        return self._prompt_logprobs(pairs, self._lora(adapter_dir, adapter_id))
+        return self._prompt_logprobs(pairs, self._lora(adapter_dir, lora_id))
 
     def candidate_logprobs(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]],
-                           adapter_dir: str | Path | None, adapter_id: int) -> list[list[list[float]]]:
+                           adapter_dir: str | Path | None, lora_id: int) -> list[list[list[float]]]:
         from .scoring import candidate_rows, check_answer_lengths
 
         rows = candidate_rows(self.tokenizer, prompts, candidates)
         check_answer_lengths(rows, self.cfg.max_model_len)
         flat = self._prompt_logprobs([(list(r.prompt), list(a)) for r in rows for a in (r.chosen, *r.rejected)],
-                                     self._lora(adapter_dir, adapter_id))
+                                     self._lora(adapter_dir, lora_id))
         out, at = [], 0
         for r in rows:
             n = 1 + len(r.rejected)
