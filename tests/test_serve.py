@@ -400,7 +400,7 @@ def test_empty_generations_fall_back_to_popularity(sampling_recommender, monkeyp
     rec = sampling_recommender
 
     class SilentModel:  # a stand-in generation engine that never writes a title
-        def generate(self, prompts, adapter_dir, adapter_id):
+        def generate(self, prompts, adapter_dir, lora_id):
             return [["", '""'] for _ in prompts]
 
     monkeypatch.setattr(rec, "backend", SilentModel())

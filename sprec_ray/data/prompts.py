@@ -46,6 +46,15 @@ def render_candidate_prompt(history_titles: Sequence[str], candidate_titles: Seq
     return f"{HEADER_WITH_INPUT}\n\n### Instruction:\n{instruction}\n\n### Input:\n{user_input}\n\n### Response:\n"
 
 
+def render_task_prompt(task: str, history_titles: Sequence[str], candidate_titles: Sequence[str],
+                       item_noun: str = "books") -> str:
+    """The prompt of `data.task`: "candidates" lists the candidates to choose from; "generate" names
+    none (its candidates, if any, are only scored against the prompt, never shown in it)."""
+    if task == "candidates":
+        return render_candidate_prompt(history_titles, candidate_titles, item_noun)
+    return render_prompt(history_titles, item_noun)
+
+
 def render_response(title: str) -> str:
     """The completion for one item; the tokenizer's EOS is appended at tokenization time."""
     return f'"{title}"'

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .candidates import candidates_of
-from .prompts import render_candidate_prompt, render_prompt, render_response
+from .prompts import render_response, render_task_prompt
 from .records import Example
 
 
@@ -80,16 +80,14 @@ class PromptBuilder:
         titles = self.titles
         targets = batch.column("target").to_pylist()
         histories = [[titles[i] for i in h] for h in batch.column("history").to_pylist()]
-        if self.candidates is None:
-            prompts = [render_prompt(h, self.item_noun) for h in histories]
-            cf_prompts = [render_prompt([], self.item_noun)] * len(targets)
-        else:
+        task, lists = "generate", [[]] * len(targets)
+        if self.candidates is not None:
             given = batch.column("candidates").to_pylist() if "candidates" in batch.column_names else [[]] * len(targets)
             ids = zip(batch.column("row_id").to_pylist(), batch.column("history").to_pylist(), targets, given, strict=True)
-            lists = [[titles[c] for c in candidates_of(Example(r, tuple(h), t, tuple(g)), len(titles), *self.candidates)]
-                     for r, h, t, g in ids]
-            prompts = [render_candidate_prompt(h, c, self.item_noun) for h, c in zip(histories, lists, strict=True)]
-            cf_prompts = [render_candidate_prompt([], c, self.item_noun) for c in lists]
+            task, lists = "candidates", [[titles[c] for c in candidates_of(Example(r, tuple(h), t, tuple(g)), len(titles),
+                                                                           *self.candidates)] for r, h, t, g in ids]
+        prompts = [render_task_prompt(task, h, c, self.item_noun) for h, c in zip(histories, lists, strict=True)]
+        cf_prompts = [render_task_prompt(task, [], c, self.item_noun) for c in lists]
         batch = batch.append_column("prompt", pa.array(prompts))
         batch = batch.append_column("response", pa.array([render_response(titles[t]) for t in targets]))
         if self.counterfactual:

@@ -25,7 +25,7 @@ import numpy as np
 from ..artefacts import in_run, load_grounder, read_catalogue
 from ..config import GenerationConfig, RunConfig, load_config
 from ..data.catalogue import Catalogue
-from ..data.prompts import parse_response, render_candidate_prompt, render_prompt
+from ..data.prompts import parse_response, render_prompt, render_task_prompt
 from ..eval.candidates import ranked
 from ..eval.grounding import normalise_title
 from ..generate.backends import resolve_backend
@@ -175,9 +175,7 @@ class Prompts:
         return render_prompt(self._history(req.history), self.item_noun)
 
     def rank(self, req: RankRequest | RerankRequest) -> str:
-        if self.task == "candidates":
-            return render_candidate_prompt(self._history(req.history), self.candidate_titles(req), self.item_noun)
-        return render_prompt(self._history(req.history), self.item_noun)
+        return render_task_prompt(self.task, self._history(req.history), self.candidate_titles(req), self.item_noun)
 
     def check_recommend(self, req: RecommendRequest) -> None:
         """A prompt that cannot fit next to its completion is the client's history, not a server fault."""
