@@ -5,7 +5,7 @@ hash-partition the good rows by user into bucket files. Stage 2 (only with k_cor
 surviving items per bucket until the item set is stable. Stage 3, one task per bucket: map item
 ids, sort by (user, timestamp, row), cut leave-last-out examples with max_history, write them and
 return counts and popularity. A user's rows all land in one bucket, so no shuffle service is
-needed; Ray Data's groupby cost ~9 s of fixed actor start-up on 2 cores, more than the work here.
+needed; Ray Data's groupby starts shuffle actors whose fixed cost outweighed the work itself.
 The driver only ever holds the catalogue keys, counts and per-item popularity.
 """
 
@@ -15,6 +15,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -252,6 +253,22 @@ def sequence_bucket(bucket: int, bucket_dir: str, item_keys: pa.Array, alive: np
     return {"counts": out_counts, "users": len(starts), "rows": n, "popularity": popularity}
 
 
+def _k_core(buckets: list[str], keys_ref: Any, num_items: int, k_core: int) -> tuple[np.ndarray, int]:
+    """The items alive in the k-core, and the rounds it took: drop items (and then users) under k
+    interactions until nothing changes."""
+    import ray
+
+    alive, rounds = np.ones(num_items, bool), 0
+    count = ray.remote(num_cpus=0.5)(count_bucket_items)
+    while True:
+        rounds += 1
+        counts = sum(ray.get([count.remote(b, keys_ref, alive, k_core) for b in buckets]))
+        now = counts >= k_core
+        if np.array_equal(now, alive):
+            return alive, rounds
+        alive = now
+
+
 def run_pipeline(path: str, out: str | Path, item_keys: pa.Array | None, max_history: int, k_core: int,
                  num_shards: int, strict: bool) -> dict:
     """Run the three stages on the current Ray cluster; returns the catalogue keys, counts and popularity.
@@ -290,17 +307,7 @@ def run_pipeline(path: str, out: str | Path, item_keys: pa.Array | None, max_his
     seconds = {"partition_s": time.perf_counter() - clock}
     clock = time.perf_counter()
     keys_ref = ray.put(item_keys)
-    alive, rounds = None, 0
-    if k_core > 0:
-        alive = np.ones(len(item_keys), bool)
-        count = ray.remote(num_cpus=0.5)(count_bucket_items)
-        while True:
-            rounds += 1
-            counts = sum(ray.get([count.remote(b, keys_ref, alive, k_core) for b in buckets]))
-            now = counts >= k_core
-            if np.array_equal(now, alive):
-                break
-            alive = now
+    alive, rounds = _k_core(buckets, keys_ref, len(item_keys), k_core) if k_core > 0 else (None, 0)
     seconds["kcore_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
     kept = alive if alive is not None else np.ones(len(item_keys), bool)

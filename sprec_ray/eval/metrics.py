@@ -42,21 +42,10 @@ NUM_POP_GROUPS = 5
 OVERREC_TOP = 3  # ORRatio: share of slots taken by the 3 most-recommended items (SPRec)
 
 
-def ranking_metrics(
-    ranked: np.ndarray,
-    targets: Sequence[int],
-    histories: Sequence[Sequence[int]],
-    catalogue: Catalogue,
-    ks: Sequence[int] = (1, 5, 10),
-    valid: np.ndarray | None = None,
-) -> dict[str, float]:
-    """All metrics for every K in `ks`; see the module docstring for the exact definitions.
-
-    ranked: [N, Kmax] int catalogue ids, best first (only the valid rows are read).
-    valid: [N] bool, False for rows whose prediction could not be parsed (counted as misses).
-    """
+def _checked(ranked: np.ndarray, targets: Sequence[int], histories: Sequence[Sequence[int]], n_items: int,
+             ks: Sequence[int], valid: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, ...]]:
+    """ranking_metrics' inputs as arrays, each shape and id checked: a clear error names the bad argument."""
     ranked = np.asarray(ranked)
-    n_items = len(catalogue)
     if ranked.ndim != 2:
         raise ValueError(f"ranked must be a 2-D [rows, k] array of item ids, got shape {ranked.shape}")
     n_rows, k_max = ranked.shape
@@ -81,6 +70,25 @@ def ranking_metrics(
     valid = np.asarray(valid)
     if valid.shape != (n_rows,) or valid.dtype != np.bool_:
         raise ValueError(f"valid must be a bool array of shape ({n_rows},), got {valid.dtype} {valid.shape}")
+    return ranked, targets_arr, valid, ks
+
+
+def ranking_metrics(
+    ranked: np.ndarray,
+    targets: Sequence[int],
+    histories: Sequence[Sequence[int]],
+    catalogue: Catalogue,
+    ks: Sequence[int] = (1, 5, 10),
+    valid: np.ndarray | None = None,
+) -> dict[str, float]:
+    """All metrics for every K in `ks`; see the module docstring for the exact definitions.
+
+    ranked: [N, Kmax] int catalogue ids, best first (only the valid rows are read).
+    valid: [N] bool, False for rows whose prediction could not be parsed (counted as misses).
+    """
+    n_items = len(catalogue)
+    ranked, targets_arr, valid, ks = _checked(ranked, targets, histories, n_items, ks, valid)
+    n_rows, k_max = ranked.shape
 
     rec = ranked[valid].astype(np.int64, copy=False)  # [n_grounded, Kmax]
     _check_ids(rec, n_items, "ranked (valid rows)")
