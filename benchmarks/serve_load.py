@@ -16,6 +16,14 @@ their ratios are comparable:
         --variants batch8-auto --requests 2000 --out benchmarks/results/serve_rank.json
     .venv/bin/python benchmarks/serve_load.py --variants batch8-2rep --kill-replica-after 6 \
         --out benchmarks/results/serve_replica_loss.json
+    .venv/bin/python benchmarks/serve_load.py --rollout --out benchmarks/results/serve_rollout.json
+
+`--rollout` measures a live adapter change under load instead of levels: with 1 and then 2 replicas,
+`--levels` clients (the first level) keep posting /recommend while the adapter is rolled out to a
+new one and then rolled back (`sprec_ray.serve.deploy.change_adapter`, what `sprec-ray deploy`
+runs); each request is put in the phase it started in (before, during = from the deploy call until
+it returned plus --during-tail-s, after), with requests failed, p50/p99 and how often each client
+saw the answers' adapter change.
 
 `--url` drives a service that is already running (any deployment an operator points it at) instead
 of starting Ray and Serve here; `--run` then only names the catalogue's titles for `rerank`:
@@ -256,6 +264,10 @@ def main() -> None:
     ap.add_argument("--kill-replica-after", type=float, default=0.0,
                     help="SIGKILL one model replica this many seconds into every level (0: never)")
     ap.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray")
+    ap.add_argument("--rollout", action="store_true", help="roll an adapter out and back under load (see above)")
+    ap.add_argument("--phase-s", type=float, default=15.0, help="--rollout: seconds of load before and after a change")
+    ap.add_argument("--during-tail-s", type=float, default=3.0,
+                    help="--rollout: the 'during' phase lasts this long after the deploy call returned")
     ap.add_argument("--out", type=Path, default=Path("bench_out/serve_load.json"))
     args = ap.parse_args()
 
@@ -268,6 +280,8 @@ def main() -> None:
 
     if args.url:
         return drive_url(args)
+    if args.rollout:
+        return rollout_bench(args)
     apply_default_env()
     tmp = tempfile.TemporaryDirectory(prefix="serve_load_")
     run_dir = args.run or build_tiny_run(Path(tmp.name))
@@ -329,6 +343,142 @@ def main() -> None:
         "catalogue_items": n_items, "max_new_tokens": run.cfg.generation.max_new_tokens,
         "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version(),
                     "processor": platform.processor()},
+    }, indent=2))
+    print(f"wrote {args.out}")
+
+
+def tiny_adapter(model_dir: Path, out: Path, seed: int) -> Path:
+    """A LoRA adapter for the tiny model that changes it slightly: PEFT's init (B = 0) plus small noise
+    on B, so the SFT-taught answer format survives and the weights (and sha256) differ per seed."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 1e-3)
+    model.save_pretrained(out)
+    return out
+
+
+class SteadyLoad:
+    """`clients` threads posting /recommend back to back; each request's start, end, success and the
+    adapter (sha256) that answered it, per client, in order."""
+
+    def __init__(self, url: str, clients: int, n_items: int, max_history: int) -> None:
+        self.url, self.n_items, self.max_history = url, n_items, max_history
+        self.log: list[list[tuple[float, float, bool, str | None]]] = [[] for _ in range(clients)]
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._client, args=(c,), daemon=True) for c in range(clients)]
+        for t in self.threads:
+            t.start()
+
+    def _client(self, c: int) -> None:
+        import requests
+
+        session, i = requests.Session(), c
+        while not self.stop.is_set():
+            body = request_body(i, "recommend", self.n_items, self.max_history, 0)
+            t0 = time.monotonic()
+            try:
+                resp = session.post(f"{self.url}/recommend", json=body, timeout=120)
+                ok = resp.status_code == 200 and len(resp.json()["items"]) == 10
+                sha = resp.json()["adapter"]["sha256"] if ok else None
+            except requests.RequestException:
+                ok, sha = False, None
+            self.log[c].append((t0, time.monotonic(), ok, sha))
+            i += len(self.log)
+
+    def finish(self) -> list[list[tuple[float, float, bool, str | None]]]:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=180)
+        return self.log
+
+
+def phase_row(log: list[list[tuple[float, float, bool, str | None]]], start: float, end: float) -> dict[str, float]:
+    """Requests that started in [start, end): count, failed, p50/p99 of the successful ones."""
+    reqs = [r for client in log for r in client if start <= r[0] < end]
+    lat = np.array([1000 * (r[1] - r[0]) for r in reqs if r[2]]) if any(r[2] for r in reqs) else np.array([np.nan])
+    return {"requests": len(reqs), "failed": sum(not r[2] for r in reqs),
+            "p50_ms": round(float(np.percentile(lat, 50)), 1), "p99_ms": round(float(np.percentile(lat, 99)), 1),
+            "seconds": round(end - start, 1)}
+
+
+def rollout_bench(args: argparse.Namespace) -> None:
+    """--rollout: for 1 and 2 replicas, steady load through a rollout to a new adapter and a rollback."""
+    import ray
+    from ray import serve
+
+    from sprec_ray.runtime import apply_default_env
+    from sprec_ray.serve.app import serve_run
+    from sprec_ray.serve.deploy import change_adapter
+    from sprec_ray.serve.recommender import load_catalogue, load_run
+
+    apply_default_env()
+    tmp = tempfile.TemporaryDirectory(prefix="serve_rollout_")
+    run_dir = args.run or build_tiny_run(Path(tmp.name))
+    run = load_run(run_dir)
+    if not args.run:  # the tiny run (in tmp) starts on an adapter of its own; a given run on its final one
+        old = tiny_adapter(run.base_model, Path(tmp.name) / "adapter_old", seed=1)
+        final = json.loads((run_dir / "final.json").read_text())
+        (run_dir / "final.json").write_text(json.dumps({**final, "adapter": str(old)}))
+    new = tiny_adapter(run.base_model, Path(tmp.name) / "adapter_new", seed=2)
+    n_items, max_history = len(load_catalogue(run)), min(10, run.cfg.serve.max_history)
+    clients = args.levels[0]
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    rows, switches = [], []
+    try:
+        for replicas in (1, 2):
+            overrides = ["serve.host=127.0.0.1", f"serve.port={free_port()}", "serve.max_batch_size=8",
+                         f"serve.min_replicas={replicas}", f"serve.max_replicas={replicas}"]
+            url = serve_run(run_dir, overrides, block=False)
+            run_level(url, clients, 20, 30, n_items, max_history)  # warm-up: first batches, lazy imports
+            load = SteadyLoad(url, clients, n_items, max_history)
+            marks = [time.monotonic()]
+            for action in ("rollout", "rollback"):
+                time.sleep(args.phase_s)
+                t0 = time.monotonic()
+                state = change_adapter(run_dir, overrides, adapter=str(new)) if action == "rollout" else \
+                    change_adapter(run_dir, overrides, rollback=True)
+                deploy_s = time.monotonic() - t0
+                marks += [t0, time.monotonic() + args.during_tail_s]
+                print(f"[{replicas} replica(s)] {action}: live {state['live']['sha256'][:12]} in {deploy_s:.2f}s",
+                      flush=True)
+                switches.append({"replicas": replicas, "action": action, "deploy_s": round(deploy_s, 2)})
+            time.sleep(args.phase_s + args.during_tail_s)
+            log = load.finish()
+            marks.append(time.monotonic())
+            phases = [("rollout", "before", 0, 1), ("rollout", "during", 1, 2), ("rollout", "after", 2, 3),
+                      ("rollback", "during", 3, 4), ("rollback", "after", 4, 5)]
+            for action, phase, a, b in phases:
+                rows.append({"replicas": replicas, "action": action, "phase": phase, **phase_row(log, marks[a], marks[b])})
+                print(f"[{replicas} replica(s)] {rows[-1]}", flush=True)
+            shas = [[r[3] for r in client if r[2]] for client in log]
+            changes = [sum(a != b for a, b in zip(s, s[1:], strict=False)) for s in shas]
+            for sw in switches[-2:]:
+                sw["adapter_changes_per_client"] = changes  # over both actions: 2 means each seen once
+            serve.delete("sprec")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        tmp.cleanup()
+    lines = ["| replicas | action | phase | requests | failed | p50 ms | p99 ms | seconds |",
+             "|---:|---|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['replicas']} | {r['action']} | {r['phase']} | {r['requests']} | {r['failed']} | {r['p50_ms']} | "
+              f"{r['p99_ms']} | {r['seconds']} |" for r in rows]
+    print("\n".join(lines))
+    print(json.dumps(switches))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        **provenance(), "endpoint": "recommend", "clients": clients, "phase_s": args.phase_s,
+        "during_tail_s": args.during_tail_s, "rows": rows, "switches": switches,
+        "run": str(run_dir) if args.run else "tiny", "catalogue_items": n_items,
+        "note": "rollback 'before' is rollout 'after'; each request counts in the phase it started in",
     }, indent=2))
     print(f"wrote {args.out}")
 
