@@ -243,6 +243,49 @@ def test_missing_columns_and_too_few_rows_fail_on_the_driver_before_any_worker_s
         run_sft(cfg, tiny_model_dir, one_row, tmp_path / "c", None, "bad")
 
 
+@pytest.mark.timeout(300)
+def test_a_registered_objective_trains_through_a_fit(sft_rows, tiny_model_dir, tmp_path, ray_session, monkeypatch):
+    """docs/contributing.md's recipe: a toy objective in one file (tests/toy_objective.py) and one
+    registry line train on ZeRO-2 workers; its first loss is its own value on the starting weights."""
+    import ray.cloudpickle
+    import ray.data
+    import toy_objective
+    from transformers import AutoTokenizer
+
+    from sprec_ray.train.batching import Encoder, encode_sft_batch
+    from sprec_ray.train.engine import build_policy
+    from sprec_ray.train.objectives import OBJECTIVES, SFTObjective, objective_class
+
+    ray.cloudpickle.register_pickle_by_value(toy_objective)  # Ray workers cannot import tests/
+    monkeypatch.setitem(OBJECTIVES, "row_mean_sft", toy_objective.RowMeanSFT)  # the registry line
+    with pytest.raises(ValueError, match="objective 'row_mean_sft' trains on sft rows, not on a dpo stage's"):
+        objective_class("dpo", "row_mean_sft")
+    with pytest.raises(ValueError, match=r"unknown objective 'row_mean'; registered: \['dpo', 'row_mean_sft', 'sft'\]"):
+        objective_class("sft", "row_mean")
+
+    # responses of unequal length, so a mean over rows and one over tokens differ
+    rows = [{**r, "response": render_response(" ".join([f"T{i}"] * (1 + 2 * i)))} for i, r in enumerate(sft_rows)]
+    cfg = _cfg(tmp_path, "sft.batch_size=4", "sft.grad_accum=2", "sft.epochs=4")  # 2 workers x 4 rows: 1 step/epoch
+    stage = Stage("sft", "toy", ray.data.from_items(rows), tmp_path / "adapter", objective="row_mean_sft")
+    result = run_fit(cfg, tiny_model_dir, [stage], None, "toy")["toy"]
+    losses = _losses(result)
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    encoded = encode_sft_batch({k: [r[k] for r in rows] for k in rows[0]},
+                               Encoder(tokenizer, cfg.model.max_prompt_len, cfg.model.max_response_len), False)
+    start = build_policy(tiny_model_dir, cfg.lora, None, "float32", cfg.seed).eval()  # a fresh LoRA adds 0
+    pad, idx = tokenizer.pad_token_id or tokenizer.eos_token_id, range(len(encoded))
+    first = {}
+    with torch.no_grad():
+        for name, cls in (("toy", toy_objective.RowMeanSFT), ("sft", SFTObjective)):
+            objective = cls(cfg, encoded, pad, torch.device("cpu"))
+            first[name] = objective.loss(start, idx)[0].item() / objective.normaliser(idx)
+    assert losses[0] == pytest.approx(first["toy"], abs=1e-4)
+    assert abs(first["toy"] - first["sft"]) > 1e-3  # 50x the tolerance above: the step-1 loss tells them apart
+    assert losses[-1] < losses[0]
+    _assert_all_changed(_initial_lora(tiny_model_dir, cfg), result.adapter_dir)
+
+
 @pytest.mark.gpu
 @pytest.mark.timeout(600)
 def test_gpu_bf16_zero3_sft_trains_on_nccl(sft_rows, tiny_model_dir, tmp_path, ray_session):

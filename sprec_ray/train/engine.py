@@ -155,7 +155,6 @@ class DeepSpeedTrainEngine(TrainEngine):
         # head: every checkpoint carried the frozen embedding (123 MB for SmolLM2). The LoRA weights
         # travel in ZeRO's fp32 partitions, so the module needs none.
         self.engine.module_state_dict = lambda *args, **kwargs: {}
-        self._grad_norm = 0.0
 
     def forward(self, **inputs: Any) -> Any:
         return self.engine(**inputs)
@@ -165,18 +164,17 @@ class DeepSpeedTrainEngine(TrainEngine):
         # Explicit boundaries: the last step of an epoch may hold fewer than grad_accum micro-batches.
         self.engine.set_gradient_accumulation_boundary(boundary)
         yield
+        if not boundary:  # DeepSpeed counts every micro-batch by its step(); off a boundary it does no more
+            self.engine.step()
 
     def backward(self, loss: torch.Tensor) -> None:
         # The loop already divides by the global normaliser; DeepSpeed must not divide by grad_accum again.
         self.engine.backward(loss, scale_wrt_gas=False)
-        boundary = self.engine.is_gradient_accumulation_boundary()
-        self.engine.step()
-        if boundary:
-            norm = self.engine.get_global_grad_norm()
-            self._grad_norm = float(norm) if norm is not None else 0.0
 
     def step(self) -> float:
-        return self._grad_norm
+        self.engine.step()  # on the boundary the last micro_batch left set: clip, reduce, Adam
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         from deepspeed.utils import safe_get_full_fp32_param

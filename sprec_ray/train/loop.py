@@ -54,6 +54,7 @@ class StageSpec:
     round: int = 0  # 0 = the warm start
     # per worker rank: an object-store ref to a pyarrow Table of its rows, or a RankStream it reads itself
     shards: tuple[Any, ...] = ()
+    objective: type | None = None  # resolved from objectives.OBJECTIVES on the driver; travels pickled
 
 
 @dataclass(frozen=True)
@@ -204,11 +205,11 @@ def train_loop(config: dict[str, Any]) -> None:
                      f"{' (done)' if restored.done else ''} from {checkpoint.path}")
     summaries = dict(restored.finished) if restored else {}
     staging = Path(spec.staging_dir) / f"rank{rank}"  # per rank: ranks share a node's /tmp
+    worker = Worker(spec, engine, encoder, pad_id, rank, world, device, staging, checkpoint, summaries, finished)
     for index in range(first, len(spec.stages)):
-        stage = spec.stages[index]
-        resume = restored if restored is not None and not restored.done and restored.name == stage.name else None
-        _run_stage(spec, stage, index, engine, encoder, pad_id, rank, world, device, resume, checkpoint,
-                   summaries, finished, staging, {"entered_at": entered_at, "setup_s": setup_s} if index == first else {})
+        name = spec.stages[index].name
+        resume = restored if restored is not None and not restored.done and restored.name == name else None
+        _run_stage(worker, index, resume, {"entered_at": entered_at, "setup_s": setup_s} if index == first else {})
     if restored is not None and first == len(spec.stages):  # every stage had finished: report its checkpoint again
         _report(engine, restored, dict(restored.history[-1]) if restored.history else {}, rank, staging, True, finished)
     if _distributed():
@@ -222,53 +223,83 @@ def _load_finished(engine: Any, files: AdapterFiles) -> None:
         engine.load_adapter_weights(Path(tmp))
 
 
-def _run_stage(spec: FitSpec, stage: StageSpec, index: int, engine: Any, encoder: Encoder, pad_id: int, rank: int,
-               world: int, device: torch.device, resume: TrainerState | None, checkpoint: Any,
-               summaries: dict[str, dict[str, Any]], finished: dict[str, AdapterFiles], staging: Path,
-               marks: dict[str, float]) -> None:
-    import ray
+@dataclass
+class Worker:
+    """What one Ray Train worker holds across the stages of a fit."""
 
-    from .objectives import PreferenceObjective, SFTObjective
+    spec: FitSpec
+    engine: Any
+    encoder: Encoder
+    pad_id: int
+    rank: int
+    world: int
+    device: torch.device
+    staging: Path  # this rank's checkpoint staging dir
+    checkpoint: Any  # the Ray Train checkpoint the worker group restarted from, or None
+    summaries: dict[str, dict[str, Any]]  # finished stages' summaries: every checkpoint carries them
+    finished: dict[str, AdapterFiles]  # finished stages' adapters, likewise
 
-    cfg, h = spec.cfg, hyper(spec.cfg, stage)
+
+def _run_stage(w: Worker, index: int, resume: TrainerState | None, marks: dict[str, float]) -> None:
+    """One stage: load its rows, prepare its objective, restore a mid-stage checkpoint, then step."""
+    cfg, stage = w.spec.cfg, w.spec.stages[index]
+    h = hyper(cfg, stage)
     marks = dict(marks)  # the fit's first stage carries its start-up: entered_at, setup_s
-    t = time.perf_counter()
-    shard = stage.shards[rank]
-    stream = shard if isinstance(shard, RankStream) else None
-    rows = [] if stream else load_rows(ray.get(shard), stage.phase, cfg, encoder)  # a stream loads window by window
-    marks["data_s"] = time.perf_counter() - t
-
-    set_lora_dropout(engine.peft_model, cfg.lora.dropout if stage.phase == "sft" else cfg.dpo.lora_dropout)
-    engine.reset_optimizer()
-    objective = (SFTObjective if stage.phase == "sft" else PreferenceObjective)(cfg, rows, pad_id, device)
-    t = time.perf_counter()
-    objective.prepare(engine)  # DPO reference pass: from the stage's starting weights, before any restore
-    marks["reference_s" if stage.phase == "dpo" else "prepare_s"] = time.perf_counter() - t
-    if stream is None:
-        plan: StepPlan | StreamPlan = StepPlan(objective.lengths(), h, cfg.train.max_tokens_per_batch, cfg.seed, device)
-    else:
-        plan = StreamPlan(stream, lambda table: load_rows(table, stage.phase, cfg, encoder), h.batch_size, h.grad_accum,
-                          h.epochs, h.max_steps, cfg.seed)
-    if plan.total == 0:
-        raise DataError(f"{stage.name}: no optimizer steps planned ({stage.phase}.epochs={h.epochs})")
-
-    state = TrainerState(stage.phase, stage.name, cfg.digest(), finished=summaries)
+    objective, plan, stream = _prepare_stage(w, stage, h, marks)
+    state = TrainerState(stage.phase, stage.name, cfg.digest(), finished=w.summaries)
     if resume is not None:
-        load_engine_state(checkpoint, engine)
+        load_engine_state(w.checkpoint, w.engine)
         state.step = state.restored_from = resume.step
         state.history = resume.history[:resume.step]
-    if rank == 0:
+    if w.rank == 0:
         setup = ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in marks.items() if k.endswith("_s"))
         layout = ""
         if stage.phase == "dpo":
             layout = ("; prefix-shared rows" if objective.shared else "; one row per response (train.prefix_sharing="
                       f"{cfg.train.prefix_sharing}, model.attn_implementation={cfg.model.attn_implementation})")
-        precision = "bf16 autocast" if engine.autocast is not None else cfg.model.dtype
-        share = f"{stream.rows} rows streamed in windows of {stream.window}" if stream else f"{len(rows)} rows"
-        progress(f"[{stage.name}] {engine.name} {precision}, {world} workers x {share} x {torch.get_num_threads()} threads, "
-                 f"{plan.total} steps ({plan.per_epoch}/epoch), lr {h.lr:g}, warm-up {h.warmup_steps}; setup: {setup}{layout}")
+        precision = "bf16 autocast" if w.engine.autocast is not None else cfg.model.dtype
+        share = f"{stream.rows} rows streamed in windows of {stream.window}" if stream else f"{len(objective.rows)} rows"
+        progress(f"[{stage.name}] {w.engine.name} {precision}, {w.world} workers x {share} x {torch.get_num_threads()} "
+                 f"threads, {plan.total} steps ({plan.per_epoch}/epoch), lr {h.lr:g}, warm-up {h.warmup_steps}; "
+                 f"setup: {setup}{layout}")
+    _run_steps(w, index, objective, plan, state, marks, stream)
 
-    tracker = Tracker(rank, cfg.train.logger, Path(spec.log_dir) / stage.name, stage.name, cfg.to_dict())
+
+def _prepare_stage(w: Worker, stage: StageSpec, h: Hyper, marks: dict[str, float]) -> tuple[Any, Any, RankStream | None]:
+    """The stage's objective (rows tokenised, DPO's reference pass done) and its step plan."""
+    import ray
+
+    cfg = w.spec.cfg
+    t = time.perf_counter()
+    shard = stage.shards[w.rank]
+    stream = shard if isinstance(shard, RankStream) else None
+    rows = [] if stream else load_rows(ray.get(shard), stage.phase, cfg, w.encoder)  # a stream loads window by window
+    marks["data_s"] = time.perf_counter() - t
+
+    set_lora_dropout(w.engine.peft_model, cfg.lora.dropout if stage.phase == "sft" else cfg.dpo.lora_dropout)
+    w.engine.reset_optimizer()
+    objective = stage.objective(cfg, rows, w.pad_id, w.device)
+    t = time.perf_counter()
+    objective.prepare(w.engine)  # DPO reference pass: from the stage's starting weights, before any restore
+    marks["reference_s" if stage.phase == "dpo" else "prepare_s"] = time.perf_counter() - t
+    if stream is None:
+        plan: StepPlan | StreamPlan = StepPlan(objective.lengths(), h, cfg.train.max_tokens_per_batch, cfg.seed, w.device)
+    else:
+        plan = StreamPlan(stream, lambda table: load_rows(table, stage.phase, cfg, w.encoder), h.batch_size,
+                          h.grad_accum, h.epochs, h.max_steps, cfg.seed)
+    if plan.total == 0:
+        raise DataError(f"{stage.name}: no optimizer steps planned ({stage.phase}.epochs={h.epochs})")
+    return objective, plan, stream
+
+
+def _run_steps(w: Worker, index: int, objective: Any, plan: StepPlan | StreamPlan, state: TrainerState,
+               marks: dict[str, float], stream: RankStream | None) -> None:
+    """Optimizer steps from `state.step` to the plan's end: track every step, report every log_every,
+    checkpoint every checkpoint_every and at the end (when the stage's summary is written)."""
+    cfg, stage, engine = w.spec.cfg, w.spec.stages[index], w.engine
+    h = hyper(cfg, stage)
+    rows_here = 0 if stream else len(objective.rows)
+    tracker = Tracker(w.rank, cfg.train.logger, Path(w.spec.log_dir) / stage.name, stage.name, cfg.to_dict())
     stat_names = objective.stat_names
     window: list[dict[str, float]] = []
     loop_start = time.perf_counter()
@@ -279,17 +310,17 @@ def _run_stage(spec: FitSpec, stage: StageSpec, index: int, engine: Any, encoder
         if stream is not None:
             objective.rows = plan.rows  # the window this step lies in
         # Per step, so a run resumed mid-stage in a new worker group draws the same dropout masks.
-        torch.manual_seed(hash((cfg.seed, rank, index, state.step)) % 2**63)
+        torch.manual_seed(hash((cfg.seed, w.rank, index, state.step)) % 2**63)
         lr = lr_at(state.step, plan.total, h.warmup_steps, h.lr)
         engine.set_lr(lr)
         start = time.perf_counter()
         norm = float(_all_reduce(torch.tensor([sum(objective.normaliser(mb) for mb in micro)],
-                                              dtype=torch.float64, device=device)).item())
-        sums = torch.zeros(len(stat_names) + 1, dtype=torch.float64, device=device)
+                                              dtype=torch.float64, device=w.device)).item())
+        sums = torch.zeros(len(stat_names) + 1, dtype=torch.float64, device=w.device)
         for j, mb in enumerate(micro):
             with engine.micro_batch(j == len(micro) - 1):
                 loss, stats, tokens = objective.loss(engine, mb)
-                engine.backward(loss * (world / norm))
+                engine.backward(loss * (w.world / norm))
             # stay on the device: one host sync per step (the all-reduce below), not per micro-batch
             sums[:-1] += torch.stack([stats[k].to(torch.float64) for k in stat_names])
             sums[-1] += tokens
@@ -311,15 +342,15 @@ def _run_stage(spec: FitSpec, stage: StageSpec, index: int, engine: Any, encoder
             marks["first_step_at"] = time.time()  # wall clock, like entered_at
         if last_step:
             marks["loop_s"] = time.perf_counter() - loop_start
-            marks.update(_rows_per_rank(plan.reader.rows_read if stream else len(rows), rank, world, device))
+            marks.update(_rows_per_rank(plan.reader.rows_read if stream else rows_here, w.rank, w.world, w.device))
             marks["ended_at"] = time.time()  # the driver counts from here to the fit's return: final checkpoint, shutdown
             state.done = True
-            summaries[stage.name] = {"phase": stage.phase, "history": state.history, "timing": marks,
-                                     "restored_from": state.restored_from}
+            w.summaries[stage.name] = {"phase": stage.phase, "history": state.history, "timing": marks,
+                                       "restored_from": state.restored_from}
         if checkpoint_due or state.step % cfg.train.log_every == 0:
             means = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
-            _report(engine, state, {**means, "step": float(state.step), "stage_index": float(index)}, rank, staging,
-                    checkpoint_due, finished)
+            _report(engine, state, {**means, "step": float(state.step), "stage_index": float(index)}, w.rank, w.staging,
+                    checkpoint_due, w.finished)
             window = []
     tracker.close()
 

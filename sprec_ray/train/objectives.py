@@ -1,4 +1,7 @@
-"""Per-phase training objectives: what a micro-batch costs, how it is normalised, what it reports.
+"""Training objectives: what a micro-batch costs, how it is normalised, what it reports.
+
+A stage names its objective in `OBJECTIVES` (by default the one named like its phase); an objective
+trains on the rows of its `phase` ("sft": prompt + response, "dpo": prompt + chosen + K rejected).
 
 SFT   : response-token cross-entropy (prompt masked), normalised by the response-token count.
 CFT   : the counterfactual objective (docs/method.md#cft), normalised by the sum of the token weights.
@@ -45,6 +48,7 @@ def cft_weight_sum(n: int, beta: float) -> float:
 
 
 class SFTObjective:
+    phase = "sft"
     stat_names: tuple[str, ...] = ("loss",)
 
     def __init__(self, cfg: RunConfig, rows: Sequence[SFTRow], pad_id: int, device: torch.device):
@@ -82,6 +86,7 @@ class SFTObjective:
 
 
 class PreferenceObjective:
+    phase = "dpo"
     stat_names = ("loss", "chosen_reward", "rejected_reward", "reward_margin", "accuracy", "chosen_logratio", "rejected_logratio")
 
     def __init__(self, cfg: RunConfig, rows: Sequence[PairRow], pad_id: int, device: torch.device):
@@ -134,3 +139,17 @@ class PreferenceObjective:
         total = per_row.sum()
         stats = {"loss": total.detach(), **preference_stats(chosen, rejected, ref_c, ref_r, self.beta)}
         return total, stats, batch.num_tokens
+
+
+# A new objective: its class (above, or in a module of its own) and one line here (docs/contributing.md).
+OBJECTIVES: dict[str, type] = {"sft": SFTObjective, "dpo": PreferenceObjective}
+
+
+def objective_class(phase: str, name: str = "") -> type:
+    """The class a stage trains with: `OBJECTIVES[name]`, or its phase's own when name is ""."""
+    cls = OBJECTIVES.get(name or phase)
+    if cls is None:
+        raise ValueError(f"unknown objective {name!r}; registered: {sorted(OBJECTIVES)}")
+    if cls.phase != phase:
+        raise ValueError(f"objective {name!r} trains on {cls.phase} rows, not on a {phase} stage's")
+    return cls

@@ -29,6 +29,7 @@ from ..data.records import DataError
 from ..data.sharding import PromptShards
 from .checkpointing import export_adapter, read_state
 from .loop import FitSpec, StageSpec, train_loop
+from .objectives import objective_class
 from .stream import RankStream, Span, split_rows
 from .tracking import check_logger_available
 
@@ -54,6 +55,7 @@ class Stage:
     dataset: Any  # PromptShards (id shards on storage), a pyarrow Table of prompt rows, or a ray.data.Dataset of them
     out_dir: Path
     round: int = 0  # 0 = the warm start; a round's SFT trains at sft.round_lr
+    objective: str = ""  # a name in train/objectives.OBJECTIVES; "" = the phase's own (sft / dpo)
 
 
 def summarize(history: list[dict[str, float]], timing: dict[str, float], restored_from: int = 0) -> dict[str, float]:
@@ -103,10 +105,12 @@ def run_fit(cfg: RunConfig, base_model: Path, stages: Sequence[Stage], init_adap
     if len({s.name for s in stages}) != len(stages) or not stages:
         raise ValueError(f"a fit needs distinct stage names, got {[s.name for s in stages]}")
     check_logger_available(cfg.train.logger)
+    objectives = [objective_class(s.phase, s.objective) for s in stages]  # before any work: a typo fails here
     started = time.time()
     world = max(1, cfg.train.num_workers)
     spec = FitSpec(
-        name=name, stages=tuple(StageSpec(s.phase, s.name, s.round, _shards(cfg, s, world)) for s in stages), cfg=cfg,
+        name=name, stages=tuple(StageSpec(s.phase, s.name, s.round, _shards(cfg, s, world), o)
+                                for s, o in zip(stages, objectives, strict=True)), cfg=cfg,
         base_model=str(base_model),
         init_adapter=str(Path(init_adapter).resolve()) if init_adapter else None,
         log_dir=str((Path(cfg.output_dir) / "tensorboard").resolve()),
@@ -129,7 +133,14 @@ def run_fit(cfg: RunConfig, base_model: Path, stages: Sequence[Stage], init_adap
     ended = time.time()
     if result.checkpoint is None:
         raise RuntimeError(f"fit {name!r} finished without a checkpoint")
-    state = read_state(result.checkpoint)
+    return _stage_results(stages, result.checkpoint, name, (started, launched, ended))
+
+
+def _stage_results(stages: Sequence[Stage], checkpoint: Any, name: str,
+                   clock: tuple[float, float, float]) -> dict[str, PhaseResult]:
+    """Each stage's metrics, with the fit's fixed costs placed, and its adapter exported."""
+    started, launched, ended = clock
+    state = read_state(checkpoint)
     out = {}
     for s in stages:
         done = state.finished.get(s.name)
@@ -148,9 +159,9 @@ def run_fit(cfg: RunConfig, base_model: Path, stages: Sequence[Stage], init_adap
         if "first_step_at" in metrics:  # from the fit's start: hand-off, worker start-up, data, first step
             metrics["first_step_s"] = metrics.pop("first_step_at") - started
         t = time.perf_counter()
-        adapter = export_adapter(result.checkpoint, s.out_dir, s.name)
+        adapter = export_adapter(checkpoint, s.out_dir, s.name)
         metrics["export_s"] = time.perf_counter() - t
-        out[s.name] = PhaseResult(adapter, metrics, result.checkpoint.path)
+        out[s.name] = PhaseResult(adapter, metrics, checkpoint.path)
     return out
 
 
