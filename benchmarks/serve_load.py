@@ -432,9 +432,10 @@ def rollout_bench(args: argparse.Namespace) -> None:
     clients = args.levels[0]
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     rows, switches = [], []
+    port = free_port()  # one for both: Serve keeps the HTTP port it started with
     try:
         for replicas in (1, 2):
-            overrides = ["serve.host=127.0.0.1", f"serve.port={free_port()}", "serve.max_batch_size=8",
+            overrides = ["serve.host=127.0.0.1", f"serve.port={port}", "serve.max_batch_size=8",
                          f"serve.min_replicas={replicas}", f"serve.max_replicas={replicas}"]
             url = serve_run(run_dir, overrides, block=False)
             run_level(url, clients, 20, 30, n_items, max_history)  # warm-up: first batches, lazy imports
