@@ -149,7 +149,7 @@ def test_serve_replicas_load_the_run_from_its_storage(cluster, storage, driver_c
         # Ctrl-C once the CLI says it serves: the proxy answers before serve.run returns, and a SIGINT
         # inside serve.run can be swallowed by Serve's own waiting.
         deadline = time.time() + 120
-        while "Ctrl-C to stop" not in log.read_text() and proc.poll() is None and time.time() < deadline:
+        while "Ctrl-C or SIGTERM to stop" not in log.read_text() and proc.poll() is None and time.time() < deadline:
             time.sleep(1)
         # serve_run shuts Serve down on Ctrl-C, pressed again every 15 s as a user would: once, in a
         # fresh-clone suite, one Ctrl-C led to no shutdown (the CLI slept an hour at a time then).
