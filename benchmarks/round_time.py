@@ -27,21 +27,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="tiny | smollm2 | a local HF checkpoint dir")
-    parser.add_argument("--backend", default="vllm", choices=["vllm", "hf"])
-    parser.add_argument("--rows", type=int, default=64, help="train rows in the round")
-    parser.add_argument("--valid", type=int, default=32)
-    parser.add_argument("--gpu", action="store_true")
-    parser.add_argument("--run-dir", help="read the manifests of this finished run instead of running one")
-    parser.add_argument("--round", type=int, default=1, help="which round of --run-dir to split")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "round_time.json"))
-    args = parser.parse_args()
-
+def _run_or_read(args: argparse.Namespace) -> tuple[Path, int, float | None]:
+    """The run to split and its round: --run-dir's, or a one-round run started here (then also its
+    whole wall time, warm start included)."""
     from sprec_ray.config import load_config
 
-    total: float | None = None  # whole run incl. warm start; unknown for --run-dir
+    total: float | None = None
     if args.run_dir:
         run_dir, r = Path(args.run_dir), args.round
         run_cfg = load_config(run_dir / "config.yaml")
@@ -61,6 +52,12 @@ def main() -> None:
         started = time.perf_counter()
         run_selfplay(load_config(REPO / "configs" / "tiny.yaml", overrides))
         total = time.perf_counter() - started
+    return run_dir, r, total
+
+
+def split_round(run_dir: Path, r: int) -> tuple[dict[str, float], float, float, float | None]:
+    """Round r's seconds by part (from its phase manifests), the round's total, the generation
+    pool's start-up and the round's DPO pairs."""
 
     def manifest(phase: str) -> dict:
         return json.loads((run_dir / "manifests" / f"{phase}.json").read_text())
@@ -79,7 +76,23 @@ def main() -> None:
             sft["seconds"] - sft["metrics"]["compute_s"] + dpo["seconds"] - dpo["metrics"].get("compute_s", 0.0)
             - dpo["metrics"].get("reference_s", 0.0),
     }
-    round_s = sum(m["seconds"] for m in (gen, sft, dpo, ev))
+    return rows, sum(m["seconds"] for m in (gen, sft, dpo, ev)), startup, dpo["metrics"].get("pairs")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="tiny | smollm2 | a local HF checkpoint dir")
+    parser.add_argument("--backend", default="vllm", choices=["vllm", "hf"])
+    parser.add_argument("--rows", type=int, default=64, help="train rows in the round")
+    parser.add_argument("--valid", type=int, default=32)
+    parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--run-dir", help="read the manifests of this finished run instead of running one")
+    parser.add_argument("--round", type=int, default=1, help="which round of --run-dir to split")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "round_time.json"))
+    args = parser.parse_args()
+
+    run_dir, r, total = _run_or_read(args)
+    rows, round_s, startup, pairs = split_round(run_dir, r)
     overhead = sum(v for k, v in rows.items() if k.startswith("overhead"))
     print(f"\nSelf-play round {r} of {run_dir.name}, model={args.model}, backend={args.backend}, {args.rows} train rows, "
           f"{args.valid} valid rows ({platform.machine()}, {'GPU' if args.gpu else 'CPU'})\n")
@@ -90,7 +103,7 @@ def main() -> None:
     print(f"\norchestration overhead: {overhead:.1f}s = {overhead / round_s:.0%} of the round; "
           f"vLLM actor start-up (once per run): {startup:.1f}s"
           + (f"; whole run incl. warm start: {total:.1f}s" if total is not None else ""))
-    if dpo["metrics"].get("pairs") == 0:
+    if pairs == 0:
         print("note: this round had no DPO pairs (every self-play prediction dropped), so no DPO stage ran")
     from provenance import provenance
 

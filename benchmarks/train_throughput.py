@@ -106,6 +106,14 @@ def peak_flops() -> float | None:
 
 
 def main() -> None:
+    args = _arguments()
+    if args.prefix_sharing or args.sft_layouts:
+        (prefix_sharing if args.prefix_sharing else sft_layouts)(args)
+    else:
+        step_loop(args)
+
+
+def _arguments() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=["tiny", "0.5b"], default="tiny")
     ap.add_argument("--workers", type=int, default=2)
@@ -130,17 +138,16 @@ def main() -> None:
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                     help="with --prefix-sharing: a config override for every fit (repeatable)")
     ap.add_argument("--layouts", type=int, nargs="*", help="with --sft-layouts: only these rows of SFT_LAYOUTS (0 = the default)")
-    args = ap.parse_args()
-    if args.prefix_sharing or args.sft_layouts:
-        (prefix_sharing if args.prefix_sharing else sft_layouts)(args)
-        return
+    return ap.parse_args()
 
-    import ray.data
+
+def step_loop(args: argparse.Namespace) -> None:
+    """The default mode: one fit per (phase, backend, log_every), the best of --repeats sweeps kept."""
     import torch
 
     use_gpu = torch.cuda.is_available()
     out_path = Path(args.out or Path(__file__).parent / "results" / f"train_throughput_{'gpu' if use_gpu else 'cpu'}.json")
-    work = Path("bench_out") / "train_throughput_work"
+    work = (Path("bench_out") / "train_throughput_work").resolve()  # Ray Train workers run in another cwd
     data_dir = write_synthetic_sprec(work / "data", num_items=200, num_users=max(200, args.rows * 2), seed=0)
     data = prepare_dataset(load_config(None, [f"data.path={data_dir}"]).data, work / "prepared", work / "scratch")
     titles = data.catalogue.titles
@@ -154,8 +161,36 @@ def main() -> None:
     init_ray(num_cpus=max(4, args.workers * 2))
     peak = peak_flops()
     start_adapter = fresh_adapter(model_dir, work / "adapters" / "start")
+    runs = _timed_fits(args, model_dir, rows, start_adapter, work, use_gpu)
+    results = _best_per_config(runs, n_nonembed, peak)
+    device = torch.cuda.get_device_name(0) if use_gpu else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads in driver)"
+    from provenance import provenance
+
+    report = {**provenance(), "model": args.model, "params": n_all, "non_embedding_params": n_nonembed, "device": device,
+              "workers": args.workers, "dtype": args.dtype, "rows": len(rows), "batch_size": args.batch_size,
+              "grad_accum": args.grad_accum, "max_tokens_per_batch": args.max_tokens, "steps": args.steps,
+              "repeats": args.repeats, "results": results}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(report, indent=2))
+    print(f"\n{args.model} ({n_all / 1e6:.1f}M params), {args.workers} workers, {device}, {args.dtype}\n")
+    print("| phase | backend | log_every | compute tokens/s | loop wall tokens/s | wall / compute | vs DDP (wall) | fit s | fixed s | MFU (6N) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        mfu = f"{100 * r['mfu_6n']:.1f}%" if r["mfu_6n"] is not None else "n/a (CPU)"
+        ratio = f"{r['vs_ddp']:.2f}x" if r["vs_ddp"] else "-"
+        print(f"| {r['phase']} | {r['backend']} | {r['log_every']} | {r['compute_tokens_per_s']:,.0f} | {r['wall_tokens_per_s']:,.0f} | "
+              f"{r['loop_wall_over_compute']:.2f} | {ratio} | {r['fit_s']:.1f} | {r['fixed_s']:.1f} | {mfu} |")
+    shutil.rmtree(work / "runs", ignore_errors=True)  # Ray Train run dirs and checkpoints of the timed fits
+    print(f"\nwrote {out_path}")
+
+
+def _timed_fits(args: argparse.Namespace, model_dir: Path, rows: list[dict], start_adapter: Path, work: Path,
+                use_gpu: bool) -> dict[tuple[str, str, int], list[dict]]:
+    """Every sweep's fits, timed: (phase, backend, log_every) -> one record per sweep."""
+    import ray.data
+
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    runs: dict[tuple[str, str], list[dict]] = {}
+    runs: dict[tuple[str, str, int], list[dict]] = {}
     for repeat, phase, backend, every in ((r, p, b, e) for r in range(args.repeats) for p in args.phases.split(",")
                                           for b in args.backends.split(",") for e in args.log_every.split(",")):
         section = "sft" if phase == "sft" else "dpo"
@@ -186,6 +221,11 @@ def main() -> None:
             "fixed_s": fixed, "steps": m["steps"], "load_average_1m": load})
         print(f"{phase} {backend} log_every={every} (sweep {repeat + 1}/{args.repeats}): compute {tps:,.0f} tokens/s, loop wall "
               f"{wall:,.0f} tokens/s ({wall / tps:.2f}), fit {fit_s:.1f} s, fixed {fixed:.1f} s", flush=True)
+    return runs
+
+
+def _best_per_config(runs: dict[tuple[str, str, int], list[dict]], n_nonembed: int, peak: float | None) -> list[dict]:
+    """The best sweep of each config, its MFU against the peak, and its wall tokens/s against DDP's."""
     results = []
     for (phase, backend, every), tries in runs.items():
         best = max(tries, key=lambda t: t["wall_tokens_per_s"])
@@ -196,25 +236,7 @@ def main() -> None:
         base = next((x["wall_tokens_per_s"] for x in results
                      if (x["phase"], x["backend"], x["log_every"]) == (r["phase"], "ddp", r["log_every"])), None)
         r["vs_ddp"] = r["wall_tokens_per_s"] / base if base else None
-    device = torch.cuda.get_device_name(0) if use_gpu else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads in driver)"
-    from provenance import provenance
-
-    report = {**provenance(), "model": args.model, "params": n_all, "non_embedding_params": n_nonembed, "device": device,
-              "workers": args.workers, "dtype": args.dtype, "rows": len(rows), "batch_size": args.batch_size,
-              "grad_accum": args.grad_accum, "max_tokens_per_batch": args.max_tokens, "steps": args.steps,
-              "repeats": args.repeats, "results": results}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(report, indent=2))
-    print(f"\n{args.model} ({n_all / 1e6:.1f}M params), {args.workers} workers, {device}, {args.dtype}\n")
-    print("| phase | backend | log_every | compute tokens/s | loop wall tokens/s | wall / compute | vs DDP (wall) | fit s | fixed s | MFU (6N) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in results:
-        mfu = f"{100 * r['mfu_6n']:.1f}%" if r["mfu_6n"] is not None else "n/a (CPU)"
-        ratio = f"{r['vs_ddp']:.2f}x" if r["vs_ddp"] else "-"
-        print(f"| {r['phase']} | {r['backend']} | {r['log_every']} | {r['compute_tokens_per_s']:,.0f} | {r['wall_tokens_per_s']:,.0f} | "
-              f"{r['loop_wall_over_compute']:.2f} | {ratio} | {r['fit_s']:.1f} | {r['fixed_s']:.1f} | {mfu} |")
-    shutil.rmtree(work / "runs", ignore_errors=True)  # Ray Train run dirs and checkpoints of the timed fits
-    print(f"\nwrote {out_path}")
+    return results
 
 
 def _step_s(result) -> float:
