@@ -17,6 +17,8 @@ their ratios are comparable:
     .venv/bin/python benchmarks/serve_load.py --variants batch8-2rep --kill-replica-after 6 \
         --out benchmarks/results/serve_replica_loss.json
     .venv/bin/python benchmarks/serve_load.py --rollout --out benchmarks/results/serve_rollout.json
+    .venv/bin/python benchmarks/serve_load.py --endpoint rerank --candidates 20 --levels 1 16 \
+        --variants batch8-auto --requests 600 --max-seconds 45 --out benchmarks/results/serve_rerank.json
 
 `--rollout` measures a live adapter change under load instead of levels: with 1 and then 2 replicas,
 `--levels` clients (the first level) keep posting /recommend while the adapter is rolled out to a
@@ -341,8 +343,7 @@ def main() -> None:
         **provenance(), "endpoint": args.endpoint, "kill_replica_after_s": args.kill_replica_after, "rows": rows, "scoring_layouts": layouts, "ratios_vs_batch1": ratios,
         "backend": args.backend, "run": str(run_dir) if args.run else "tiny",
         "catalogue_items": n_items, "max_new_tokens": run.cfg.generation.max_new_tokens,
-        "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version(),
-                    "processor": platform.processor()},
+        "python": platform.python_version(),  # the machine (CPU model, cores) is provenance's
     }, indent=2))
     print(f"wrote {args.out}")
 
