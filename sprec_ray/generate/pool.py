@@ -167,8 +167,8 @@ class _Round:
     lora_id: int
     work: Decoding | Scoring
     stats: RoundStats
-    queue: deque[int] = field(default_factory=deque)  # shards not yet dispatched, lowest first
-    results: list[ShardResult | None] = field(default_factory=list)
+    queue: deque[int]  # shards not yet dispatched, lowest first
+    results: list[ShardResult | None]  # by shard; None until it is back
 
     @property
     def round_id(self) -> int:

@@ -262,7 +262,7 @@ def _run_stage(w: Worker, index: int, resume: TrainerState | None, marks: dict[s
         progress(f"[{stage.name}] {w.engine.name} {precision}, {w.world} workers x {share} x {torch.get_num_threads()} "
                  f"threads, {plan.total} steps ({plan.per_epoch}/epoch), lr {h.lr:g}, warm-up {h.warmup_steps}; "
                  f"setup: {setup}{layout}")
-    _run_steps(w, index, objective, plan, state, marks, stream)
+    _run_steps(w, index, h, objective, plan, state, marks, stream)
 
 
 def _prepare_stage(w: Worker, stage: StageSpec, h: Hyper, marks: dict[str, float]) -> tuple[Any, Any, RankStream | None]:
@@ -292,12 +292,11 @@ def _prepare_stage(w: Worker, stage: StageSpec, h: Hyper, marks: dict[str, float
     return objective, plan, stream
 
 
-def _run_steps(w: Worker, index: int, objective: Any, plan: StepPlan | StreamPlan, state: TrainerState,
+def _run_steps(w: Worker, index: int, h: Hyper, objective: Any, plan: StepPlan | StreamPlan, state: TrainerState,
                marks: dict[str, float], stream: RankStream | None) -> None:
     """Optimizer steps from `state.step` to the plan's end: track every step, report every log_every,
     checkpoint every checkpoint_every and at the end (when the stage's summary is written)."""
     cfg, stage, engine = w.spec.cfg, w.spec.stages[index], w.engine
-    h = hyper(cfg, stage)
     rows_here = 0 if stream else len(objective.rows)
     tracker = Tracker(w.rank, cfg.train.logger, Path(w.spec.log_dir) / stage.name, stage.name, cfg.to_dict())
     stat_names = objective.stat_names
