@@ -682,31 +682,34 @@ def _replica_pids(app: str) -> list[int]:
             if (p.info["cmdline"] or [""])[0].startswith(f"ray::ServeReplica:{app}:Recommender")]
 
 
-def _load_while_killing(url: str, app: str, total: int, kill_after: int, catalogue) -> list:
-    """`total` requests from 8 clients, alternating /recommend and /rank; one model replica is
-    SIGKILLed once `kill_after` have been answered, and 16 more requests follow the kill (a fast
-    replica may have answered all the others by then). The responses, in request order."""
+def _load_while_killing(url: str, app: str, total: int, catalogue) -> list:
+    """From 8 clients: two batches of 8 slow /rank requests (100 candidates each), one model replica
+    SIGKILLed halfway through the first, then `total` requests alternating /recommend and /rank. Killing mid-batch is what makes requests fail over: a kill between
+    batches only meets requests the router has not handed over yet. The responses, in request order."""
     import os
     import signal
-    import threading
 
-    answered = threading.Semaphore(0)
+    n = len(catalogue)
 
     def one(i: int):
-        n = len(catalogue)
         body = ({"history": [i % n, (i + 1) % n], "candidates": [(i + 2 + j) % n for j in range(5)], "k": 3}
                 if i % 2 else {"history": [i % n, (i + 1) % n], "k": 3})
-        resp = _post(url, body, path="rank" if i % 2 else "recommend")
-        answered.release()
-        return resp
+        return _post(url, body, path="rank" if i % 2 else "recommend")
 
-    victim = _replica_pids(app)[0]  # before the load: the kill then follows the kill_after-th answer at once
+    def slow(i: int):
+        history = [(i + j) % n for j in range(5)]
+        return _post(url, {"history": history, "candidates": [(i + 5 + j) % n for j in range(min(n - 5, 100))]},
+                     path="rank")
+
+    victim = _replica_pids(app)[0]
     with ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(one, i) for i in range(total)]
-        for _ in range(kill_after):
-            answered.acquire(timeout=120)
+        start = time.perf_counter()
+        assert all(r.status_code == 200 for r in pool.map(slow, range(8)))
+        batch_s = time.perf_counter() - start  # such a batch is killed halfway, the second one covers a fast first
+        futures = [pool.submit(slow, i) for i in range(8, 24)]
+        time.sleep(batch_s / 2)
         os.kill(victim, signal.SIGKILL)
-        futures += [pool.submit(one, i) for i in range(total, total + 16)]
+        futures += [pool.submit(one, i) for i in range(total)]
         return [f.result() for f in futures]
 
 
@@ -721,7 +724,7 @@ def test_a_replica_killed_under_load_loses_no_request(endpoint, serve_run_dir, c
     serve.run(build_app({"run_dir": str(serve_run_dir), "overrides": overrides}), name="sprec-two", route_prefix="/two")
     try:
         assert len(_replica_pids("sprec-two")) == 2
-        resps = _load_while_killing(f"{endpoint}/two", "sprec-two", 160, 40, catalogue)
+        resps = _load_while_killing(f"{endpoint}/two", "sprec-two", 160, catalogue)
         codes = [r.status_code for r in resps]
         assert codes.count(200) == len(resps), {c: codes.count(c) for c in set(codes)}
     finally:
@@ -739,7 +742,7 @@ def test_with_no_replica_left_clients_get_503_with_retry_after_never_500(endpoin
                  "serve.retry_timeout_s=0.5"]  # far shorter than a replica's restart
     serve.run(build_app({"run_dir": str(serve_run_dir), "overrides": overrides}), name="sprec-one", route_prefix="/one")
     try:
-        resps = _load_while_killing(f"{endpoint}/one", "sprec-one", 48, 8, catalogue)
+        resps = _load_while_killing(f"{endpoint}/one", "sprec-one", 48, catalogue)
         codes = [r.status_code for r in resps]
         assert set(codes) <= {200, 503} and 503 in codes, {c: codes.count(c) for c in set(codes)}
         assert all(r.headers.get("Retry-After") and "retry later" in r.json()["error"] for r in resps
