@@ -55,12 +55,11 @@ def tiny_model_dir(tiny_data, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance for the whole session. Logical CPUs > physical on purpose: trainer
-    workers and Ray Data tasks must never starve each other on a 2-core machine. The dashboard
-    serves the State API, through which tests find the actors they kill."""
+    workers and Ray Data tasks must never starve each other on a 2-core machine."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", runtime_env={"env_vars": {
+        ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {
             k: os.environ[k] for k in ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "TOKENIZERS_PARALLELISM",
                                        "VLLM_CPU_KVCACHE_SPACE", "HF_HUB_OFFLINE") if k in os.environ}})
     yield ray

@@ -35,13 +35,12 @@ NUM_PROMPTS = 24
 MAX_NEW = 12
 
 
-def live_actors() -> list:
-    """The generation actors not dead (alive or still starting), as Ray's State API lists them, in
-    name order (pool, slot, restarts)."""
-    from ray.util.state import list_actors
+def live_actors() -> list[str]:
+    """The names of the generation actors not dead (alive or still starting), in name order (pool,
+    slot, restarts); Ray drops a name from its registry when its actor dies for good."""
+    import ray
 
-    alive = list_actors(filters=[("class_name", "=", "GenerationActor"), ("state", "!=", "DEAD")])
-    return sorted(alive, key=lambda a: a.name)
+    return sorted(n for n in ray.util.list_named_actors() if n.startswith("generation-"))
 
 
 def make_adapter(base: Path, out: Path, seed: int) -> Path:
@@ -229,7 +228,7 @@ def test_hf_pool_keeps_order_and_survives_a_killed_actor(ray_session, tiny_model
         assert sorted(stats.shards_per_actor) == [0, 1] and stats.probe_diff < 1e-4
         assert stats.gen_tokens > 0 and stats.requeued == stats.replaced == 0
 
-        killed, victim = [], live_actors()[0].name
+        killed, victim = [], live_actors()[0]
         handle = ray.get_actor(victim)
 
         def kill_first_actor(done: int, total: int) -> None:
@@ -242,7 +241,7 @@ def test_hf_pool_keeps_order_and_survives_a_killed_actor(ray_session, tiny_model
         assert again == expected  # exactly one result per prompt, same order, despite the death
         assert stats.replaced == 1 and stats.requeued >= 1 and stats.dropped == 0
         # the replacement is a fresh engine: it passed the adapter probe before getting shards
-        assert len(live_actors()) == 2 and killed[0] not in [a.name for a in live_actors()]
+        assert len(live_actors()) == 2 and killed[0] not in live_actors()
 
         # the same pool scores candidate lists, sharded like generation, in input order
         titles = [f"Book {i}" for i in range(40)]
@@ -304,7 +303,7 @@ def test_vllm_pool_matches_transformers_greedy(vllm_pool, vllm_greedy_a, prompts
     assert stats.probe_diff < 1e-3  # fp32 engine vs fp32 transformers+peft
     import ray  # the two engines split the cores and bind one OpenMP thread per core of their share
 
-    binds = [ray.get(ray.get_actor(a.name).ready.remote())[1].split("vLLM cores ")[1] for a in live_actors()]
+    binds = [ray.get(ray.get_actor(a).ready.remote())[1].split("vLLM cores ")[1] for a in live_actors()]
     cores = sorted(os.sched_getaffinity(0))
     assert sorted(c for b in binds for c in map(int, b.split(","))) == cores[: len(cores) // 2 * 2]
     base = vllm_pool.generate(prompts, None, round_id=0)
@@ -370,7 +369,7 @@ def test_vllm_stale_adapter_is_caught_by_the_probe(vllm_pool, prompts, adapters,
     """Force the classic stale case on one engine: weights rewritten under a reused LoRA id."""
     import ray
 
-    actor = ray.get_actor(live_actors()[0].name)
+    actor = ray.get_actor(live_actors()[0])
     moving = tmp_path / "reused-id"
     shutil.copytree(adapters[0], moving)
     probe = ray.get(actor.switch.remote(str(moving), 99, prompts[:4]), timeout=300)
@@ -388,7 +387,7 @@ def test_vllm_stale_adapter_is_caught_by_the_probe(vllm_pool, prompts, adapters,
 def test_vllm_pool_survives_a_killed_actor(vllm_pool, vllm_greedy_a, prompts, adapters):
     import ray
 
-    second = ray.get_actor(live_actors()[1].name)
+    second = ray.get_actor(live_actors()[1])
 
     def kill_second_actor(done: int, total: int) -> None:
         if done == 1:
