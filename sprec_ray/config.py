@@ -250,7 +250,6 @@ class SelfPlayConfig:
 class EvalConfig:
     ks: Annotated[tuple[int, ...], each(at_least(1))] = (1, 5, 10)
     embedder: Literal["minilm", "hash"] = "minilm"  # "hash": dependency-free, for tests
-    batch_size: int = 256
     # false: only the final adapter is scored on valid (a run from selfplay.init_adapter then skips
     # re-scoring a warm start already scored where it was trained; benchmarks/quality.py does this).
     every_round: bool = True
@@ -326,8 +325,12 @@ OPERATIONAL_KEYS = (
     "train.storage_path", "train.max_failures", "train.logger", "train.checkpoint_every", "train.log_every",
     "generation.request_timeout_s", "generation.startup_timeout_s", "generation.max_actor_restarts",
     "generation.max_inflight_per_actor", "generation.keep_alive", "generation.release_while_training",
-    "generation.verify_adapter", "generation.probe_size", "generation.probe_tolerance", "eval.batch_size",
+    "generation.verify_adapter", "generation.probe_size", "generation.probe_tolerance",
 )
+
+# Keys that older runs' config.yaml holds and nothing reads any more: dropped on load, so those runs
+# still resume, serve and export.
+RETIRED_KEYS = ("eval.batch_size",)
 
 
 def _check_cross_fields(cfg: RunConfig) -> None:
@@ -437,6 +440,11 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
 
 
 def config_from_dict(raw: dict[str, Any]) -> RunConfig:
+    raw = {name: dict(value) if isinstance(value, dict) else value for name, value in raw.items()}
+    for key in RETIRED_KEYS:
+        section, _, name = key.rpartition(".")
+        if isinstance(raw.get(section), dict):
+            raw[section].pop(name, None)
     cfg = _build(RunConfig, raw)
     _check_cross_fields(cfg)
     return cfg

@@ -205,3 +205,19 @@ def test_every_default_keeps_its_declared_bound():
         return checked
 
     assert check(RunConfig(), "") >= 50
+
+
+def test_an_older_runs_config_with_a_retired_key_still_loads(tmp_path):
+    import yaml
+
+    from sprec_ray.config import RETIRED_KEYS
+
+    path = tmp_path / "config.yaml"
+    save_config(load_config(CONFIGS / "tiny.yaml"), path)
+    old = yaml.safe_load(path.read_text())
+    old["eval"]["batch_size"] = 256  # what runs wrote before the key was retired
+    path.write_text(yaml.safe_dump(old))
+    assert "eval.batch_size" in RETIRED_KEYS
+    assert load_config(path).digest() == load_config(CONFIGS / "tiny.yaml").digest()
+    with pytest.raises(ConfigError, match="unknown config key eval.batch_sizes"):
+        load_config(path, ["eval.batch_sizes=3"])

@@ -29,12 +29,12 @@ BOUND_CELL = re.compile(r"(each )?(>=?|<=?) ?-?\d|[\[(]-?\d")
 
 
 def named_keys(text: str, keys: dict[str, Any]) -> list[str]:
-    """The `section.key` names in the text that no config key or section answers to (file names
-    such as `selfplay.py` are not keys)."""
+    """The `section.key` names in the text that no config key, retired key or section answers to
+    (file names such as `selfplay.py` are not keys)."""
     sections = section_paths(keys)
     names = (m.group(1) for m in DOTTED.finditer(text))
     return [n for n in names if n.split(".")[0] in sections and n.rsplit(".", 1)[1] not in FILE_SUFFIXES
-            and n not in keys and n not in sections]
+            and n not in keys and n not in sections and n not in config.RETIRED_KEYS]
 
 
 def _fields(cls: type) -> list[tuple[str, Any, Any]]:
