@@ -1,8 +1,10 @@
-"""Self-play generation throughput, in one run: the transformers path as it was before issue 13
-("hf-before": fp32, one thread, unmerged PEFT adapter, batch 64), the pool with
-`generation.backend=auto` (on CPU: transformers, all cores, bf16 where the CPU has native bf16,
-adapter merged) and the pool with vLLM on all cores; plus a matmul peak measured in the same process,
-so the FLOP/s each engine reaches can be set against what the cores can do.
+"""Self-play generation throughput, in one run: two earlier transformers paths, in process ("hf-before":
+before issue 13, fp32, one thread, unmerged PEFT adapter, batch 64; "hf-unshared": before issue 38,
+fp32, all cores, adapter merged, every prompt prefilled whole in left-padded shards), the pool with
+`generation.backend=auto` (on CPU: transformers on all cores, the prompts' shared instruction
+prefilled once per shard, bf16 autocast where the CPU has native bf16, else fp32 with the adapter
+merged) and the pool with vLLM on all cores; plus a matmul peak measured in the same process, so the
+FLOP/s each engine reaches can be set against what the cores can do.
 
 Prompts are the default run's: Goodreads sample rows rendered with the shared template (history of
 10 titles), the generation settings of configs/default.yaml (greedy, 32 new tokens, shards of 32),
@@ -95,13 +97,23 @@ def linear_params(base: Path) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
-def run_before(args: argparse.Namespace, base: Path, adapter: Path | None, slices: list[list[str]]) -> dict:
-    """Pre-issue-13 transformers path: what a pool actor ran with Ray's OMP_NUM_THREADS=1."""
+# The in-process transformers paths a pool actor ran before: threads (None = all cores), adapter merged.
+EARLIER_PATHS = {"hf-before": (1, False), "hf-unshared": (None, True)}
+
+
+def run_earlier(engine: str, args: argparse.Namespace, base: Path, adapter: Path | None,
+                slices: list[list[str]]) -> dict:
+    """hf-before: pre-issue-13, what a pool actor ran with Ray's OMP_NUM_THREADS=1 (batch 64).
+    hf-unshared: pre-issue-38, all cores, merged adapter, shards of --shard-size, no shared prefix."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers import GenerationConfig as HFGenerationConfig
 
-    torch.set_num_threads(1)
+    from sprec_ray.generate.backends import cut_at_stop
+
+    threads, merge = EARLIER_PATHS[engine]
+    batch = args.hf_batch_size if engine == "hf-before" else args.shard_size
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
     tok = AutoTokenizer.from_pretrained(str(base))
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
@@ -109,23 +121,28 @@ def run_before(args: argparse.Namespace, base: Path, adapter: Path | None, slice
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter)).eval()
+        if merge:
+            model = model.merge_and_unload().eval()
     gen = HFGenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
                              pad_token_id=tok.pad_token_id, stop_strings=['"\n'])
-    rounds = []
+    rounds, answers = [], []
     for prompts in slices:
         start, new_tokens = time.perf_counter(), 0
-        for s in range(0, len(prompts), args.hf_batch_size):
-            enc = tok(prompts[s:s + args.hf_batch_size], return_tensors="pt", padding=True)
+        for s in range(0, len(prompts), batch):
+            enc = tok(prompts[s:s + batch], return_tensors="pt", padding=True)
             with torch.inference_mode():
                 out = model.generate(**enc, generation_config=gen, tokenizer=tok)
             new = out[:, enc["input_ids"].shape[1]:]
             new_tokens += int((new != tok.pad_token_id).sum())
+            answers += [cut_at_stop(t.rstrip("\ufffd")) for t in tok.batch_decode(new, skip_special_tokens=True)]
         wall = time.perf_counter() - start
         rounds.append({"wall_s": wall, "prompts": len(prompts), "gen_tokens": new_tokens})
-        log.info("  hf-before: %.2f prompts/s", len(prompts) / wall)
+        log.info("  %s: %.2f prompts/s", engine, len(prompts) / wall)
     torch.set_num_threads(os.cpu_count() or 1)
-    return {"engine": "hf-before", "resolved": "hf (fp32, 1 thread, unmerged LoRA)", "actors": 1,
-            "shard_size": args.hf_batch_size, "startup_s": float("nan"), "probe_diff": float("nan"), "rounds": rounds}
+    runs_as = ("hf (fp32, 1 thread, unmerged LoRA)" if engine == "hf-before"
+               else "hf (fp32, all cores, merged LoRA, whole prompts)")
+    return {"engine": engine, "resolved": runs_as, "actors": 1, "shard_size": batch, "startup_s": float("nan"),
+            "probe_diff": float("nan"), "rounds": rounds, "answers": answers}
 
 
 def run_pool(engine: str, actors: int, args: argparse.Namespace, base: Path, adapter: Path | None,
@@ -144,9 +161,9 @@ def run_pool(engine: str, actors: int, args: argparse.Namespace, base: Path, ada
     try:
         pool.generate(warm, adapter, round_id=1)
         warm_stats = pool.last_stats
-        rounds = []
+        rounds, answers = [], []
         for prompts in slices:
-            pool.generate(prompts, adapter, round_id=1)
+            answers += [row[0] for row in pool.generate(prompts, adapter, round_id=1)]
             s = pool.last_stats
             rounds.append({"wall_s": s.wall_s, "prompts": s.prompts, "gen_tokens": s.gen_tokens})
             log.info("  %s x%d: %.2f prompts/s, %.0f tok/s", engine, actors, s.prompts_per_s, s.tokens_per_s)
@@ -155,7 +172,7 @@ def run_pool(engine: str, actors: int, args: argparse.Namespace, base: Path, ada
     dtype = resolve_dtype(cfg.dtype, resolved, args.gpu)
     return {"engine": engine, "resolved": f"{resolved} ({dtype}, all cores)", "actors": actors,
             "shard_size": cfg.shard_size, "startup_s": pool.startup_s, "probe_diff": warm_stats.probe_diff,
-            "rounds": rounds, "dtype": dtype}
+            "rounds": rounds, "dtype": dtype, "answers": answers}
 
 
 def summarise(row: dict, prompt_tokens: dict[int, int], n_linear: int) -> dict:
@@ -174,8 +191,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2", help="tiny | smollm2 | a local HF checkpoint dir")
     parser.add_argument("--data", default="data/goodreads", help="SPRec-format dir the prompts come from")
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "sprec_ray" / "models"))
-    parser.add_argument("--engines", nargs="+", default=["hf-before", "auto", "vllm"],
-                        choices=["hf-before", "auto", "hf", "vllm"])
+    parser.add_argument("--engines", nargs="+", default=["hf-before", "hf-unshared", "auto", "vllm"],
+                        choices=[*EARLIER_PATHS, "auto", "hf", "vllm"])
     parser.add_argument("--actors", nargs="+", type=int, default=[1])
     parser.add_argument("--num-prompts", type=int, default=64, help="prompts per timed round (a default round: 64)")
     parser.add_argument("--repeats", type=int, default=1, help="timed rounds per config (median reported)")
@@ -204,22 +221,24 @@ def main() -> None:
     warm = prompts[: args.warmup_prompts]
     slices = [prompts[args.warmup_prompts + i * args.num_prompts:][: args.num_prompts] for i in range(args.repeats)]
 
+    import torch
     from transformers import AutoTokenizer
+
+    from sprec_ray.models.precision import has_native_bf16
 
     tok = AutoTokenizer.from_pretrained(str(base))
     prompt_tokens = {i: sum(len(tok(p)["input_ids"]) for p in s) for i, s in enumerate(slices)}
     n_linear = linear_params(base)
     cores = len(os.sched_getaffinity(0))
-    peaks = {"fp32_1_thread": matmul_peak(1, "float32"), "fp32_all_cores": matmul_peak(cores, "float32"),
-             "bf16_all_cores": matmul_peak(cores, "bfloat16")}
+    peaks = {"fp32_1_thread": matmul_peak(1, "float32"), "fp32_all_cores": matmul_peak(cores, "float32")}
+    if args.gpu or has_native_bf16(torch.device("cpu")):  # emulated bf16 takes minutes and means nothing here
+        peaks["bf16_all_cores"] = matmul_peak(cores, "bfloat16")
     log.info("model %s (%.1fM Linear weights), %d prompts x %d rounds (%d prompt tokens), adapter %s; matmul "
              "peak GFLOP/s %s", base, n_linear / 1e6, args.num_prompts, args.repeats, prompt_tokens[0], adapter,
              {k: round(v / 1e9, 1) for k, v in peaks.items()})
 
-    rows = []
-    if "hf-before" in args.engines:
-        rows.append(run_before(args, base, adapter, slices))
-    pool_engines = [e for e in args.engines if e != "hf-before"]
+    rows = [run_earlier(e, args, base, adapter, slices) for e in args.engines if e in EARLIER_PATHS]
+    pool_engines = [e for e in args.engines if e not in EARLIER_PATHS]
     if pool_engines:
         from sprec_ray.runtime import init_ray
 
@@ -227,13 +246,15 @@ def main() -> None:
         rows += [run_pool(e, a, args, base, adapter, warm, slices) for e in pool_engines for a in args.actors]
     rows = [summarise(r, prompt_tokens, n_linear) for r in rows]
     baseline = rows[0]
+    unshared = next((r for r in rows if r["engine"] == "hf-unshared"), None)
     for r in rows:
         r["vs_first"] = r["prompts_per_s"] / baseline["prompts_per_s"]
-        peak = peaks["fp32_1_thread"] if r["engine"] == "hf-before" else (
-            peaks["bf16_all_cores"] if r.get("dtype") == "bfloat16" else peaks["fp32_all_cores"])
-        r["share_of_matmul_peak"] = r["gflop_per_s"] * 1e9 / peak
-
-    import torch
+        if unshared is not None:  # greedy: the same answers are expected from every engine
+            r["vs_unshared"] = r["prompts_per_s"] / unshared["prompts_per_s"]
+            r["same_answers_as_unshared"] = sum(a == b for a, b in zip(r["answers"], unshared["answers"], strict=True))
+        peak = peaks["fp32_1_thread"] if EARLIER_PATHS.get(r["engine"], (0,))[0] == 1 else (
+            peaks.get("bf16_all_cores") if r.get("dtype") == "bfloat16" else peaks["fp32_all_cores"])
+        r["share_of_matmul_peak"] = r["gflop_per_s"] * 1e9 / peak if peak else float("nan")  # no bf16 peak measured
 
     meta = {"model": str(args.model), "data": args.data, "adapter": bool(adapter), "max_new_tokens": args.max_new_tokens,
             "num_prompts": args.num_prompts, "repeats": args.repeats, "prompt_tokens": prompt_tokens,
@@ -255,12 +276,14 @@ def main() -> None:
     print(f"\n### Generation throughput: {args.model}, {args.num_prompts} prompts x {args.repeats} rounds, greedy, "
           f"max_new_tokens {args.max_new_tokens}, adapter {bool(adapter)}, {'GPU' if args.gpu else f'CPU ({cores} cores)'}"
           f"\nmatmul peak GFLOP/s: {peak_txt}\n")
-    print(f"| engine | runs as | actors | prompts/s | gen tokens/s | vs {baseline['engine']} | GFLOP/s | "
-          "share of matmul peak | start-up s | probe diff |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    extra = unshared is not None
+    print(f"| engine | runs as | actors | prompts/s | gen tokens/s | vs {baseline['engine']} | "
+          + ("vs hf-unshared | same answers | " if extra else "") + "GFLOP/s | share of matmul peak | start-up s | probe diff |")
+    print("|---" * (12 if extra else 10) + "|")
     for r in rows:
+        same = f"{r['vs_unshared']:.2f}x | {r['same_answers_as_unshared']}/{len(r['answers'])} | " if extra else ""
         print(f"| {r['engine']} | {r['resolved']} | {r['actors']} | {r['prompts_per_s']:.2f} | {r['tokens_per_s']:.0f} | "
-              f"{r['vs_first']:.2f}x | {r['gflop_per_s']:.1f} | {r['share_of_matmul_peak']:.0%} | "
+              f"{r['vs_first']:.2f}x | {same}{r['gflop_per_s']:.1f} | {r['share_of_matmul_peak']:.0%} | "
               f"{r['startup_s']:.1f} | {r['probe_diff']:.4f} |")
     print(f"\nJSON: {out}")
 

@@ -30,8 +30,9 @@ from train_throughput import DEFAULT_CONFIG, param_counts, smollm2_goodreads
 from transformers import AutoTokenizer
 
 from sprec_ray.config import load_config
+from sprec_ray.models.precision import store_frozen_linears
 from sprec_ray.train.batching import Encoder, encode_pair_batch, encode_sft_batch
-from sprec_ray.train.engine import build_engine, set_lora_dropout, store_frozen_linears
+from sprec_ray.train.engine import build_engine, set_lora_dropout
 from sprec_ray.train.objectives import PreferenceObjective, SFTObjective
 
 # "torch dropout": SFT with torch's nn.Dropout as the LoRA dropout (one random number per element), as before

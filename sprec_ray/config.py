@@ -223,7 +223,8 @@ class GenerationConfig:
     # GPU shared by trainer and engine: the engine frees its GPU memory while a fit runs (vLLM sleep
     # mode level 1; the hf backend moves its model to host memory) and takes it back to generate.
     release_while_training: bool = False
-    # "auto": bfloat16 for vLLM and on CUDA; float32 for hf on CPU (bf16 there fails the adapter probe).
+    # "auto": bfloat16 for vLLM and on CUDA; for hf on CPU bfloat16 (autocast, adapter unmerged) where
+    # the CPU runs bf16 natively, else float32 (adapter merged).
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_inflight_per_actor: Annotated[int, at_least(1)] = 2  # shards queued per actor, so an engine never waits for the driver
     request_timeout_s: Annotated[float, above(0)] = 600.0  # a shard or adapter switch not back by then: actor killed, shard re-queued

@@ -144,6 +144,48 @@ def test_hf_sampling_is_seeded_and_beam_returns_n(hf, prompts, adapters):
     assert all(len(r) == 2 for r in beams)
 
 
+def test_hf_generation_with_the_shared_prefix_cached_matches_plain_transformers(hf, tiny_data, adapters, tiny_model_dir):
+    """The engine runs the prompts' common instruction template once and pads inside the rows; plain
+    transformers + peft, left-padded, prefilling every row whole, must give the same greedy text."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sprec_ray.generate.hf_backend import MIN_SHARED_PREFIX
+
+    titles = tiny_data.catalogue.titles
+    prompts = [render_prompt([titles[i] for i in e.history[: 2 + j % 3]]) for j, e in enumerate(tiny_data.train[:6])]
+    tok = hf.tokenizer
+    ids = [tok(p)["input_ids"] for p in prompts]
+    assert all(x[:MIN_SHARED_PREFIX] == ids[0][:MIN_SHARED_PREFIX] for x in ids)  # the prefix path is taken
+    assert len({len(x) for x in ids}) > 1  # and rows need padding
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(adapters[0])).eval()
+    enc = tok(prompts, return_tensors="pt", padding=True)  # the fixture's tokenizer pads on the left
+    with torch.no_grad():
+        out = plain.generate(**enc, max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=tok.pad_token_id,
+                             eos_token_id=hf.model.generation_config.eos_token_id)
+    expected = [[cut_at_stop(tok.decode(row, skip_special_tokens=True))]
+                for row in out[:, enc["input_ids"].shape[1]:].tolist()]
+    assert hf.generate(prompts, adapters[0], 1) == expected
+
+
+def test_hf_bf16_engine_passes_the_probe_and_still_catches_the_wrong_adapter(prompts, adapters, tiny_model_dir):
+    """bf16 as the trainer computes (16-bit Linear weights under autocast, LoRA unmerged): within the
+    default probe tolerance of fp32 transformers + peft, and a swapped adapter still fails the probe."""
+    a, b = adapters
+    engine = make_backend(gen_cfg(dtype="bfloat16"), tiny_model_dir, max_lora_rank=8, seed=0)
+    try:
+        probe = run_probe(engine, prompts[:4], a, 1)
+        diff = compare_probe(probe, reference_token_logprobs(tiny_model_dir, a, probe.prompts, probe.completions, 512),
+                             0.05)
+        assert 0 < diff < 0.05  # bf16 rounding shows, within what the probe admits
+        with pytest.raises(AdapterMismatchError, match="not serving the expected adapter"):
+            compare_probe(probe, reference_token_logprobs(tiny_model_dir, b, probe.prompts, probe.completions, 512),
+                          0.05)
+    finally:
+        engine.close()
+
+
 def test_prompt_too_long_names_the_prompt(tiny_model_dir, prompts):
     backend = make_backend(gen_cfg(max_model_len=64), tiny_model_dir, 8, 0)
     with pytest.raises(ValueError, match=r"prompt 0 has \d+ tokens.*generation.max_model_len=64"):

@@ -110,9 +110,13 @@ def resolve_dtype(cfg_dtype: str, backend: str, on_cuda: bool) -> str:
         return cfg_dtype
     if backend == "vllm" or on_cuda:
         return "bfloat16"
-    # hf on CPU: float32. bf16 matmuls are faster on CPUs with AVX512-BF16, but a trained SmolLM2
-    # adapter merged into bf16 weights drifts past the adapter probe's tolerance (generation.probe_tolerance).
-    return "float32"
+    # hf on CPU: the trainer's bf16 autocast (adapter unmerged) where the CPU runs bf16 natively;
+    # elsewhere bf16 is emulated, slower than fp32
+    import torch
+
+    from ..models.precision import has_native_bf16
+
+    return "bfloat16" if has_native_bf16(torch.device("cpu")) else "float32"
 
 
 def resolve_backend(cfg: GenerationConfig) -> Literal["vllm", "hf"]:

@@ -1,19 +1,23 @@
 """transformers `generate` + peft behind the GenerationBackend interface (SPRec's own approach).
 
 Batched with left padding. In float32 a round's adapter is merged into the weights (LoRA's extra
-matmuls per projection cost ~30% of CPU generation time on SmolLM2); switching adapters first
-restores the pristine base weights kept aside, so merges never accumulate rounding and the base
-files are read once. In bf16/fp16 the adapter stays unmerged (a merge would round it away). Also the reference for the vLLM adapter check: `token_logprobs` in float32 is what the
-engine's log-probs are compared with.
+matmuls per projection are a large share of CPU decoding); switching adapters first restores the
+pristine base weights kept aside, so merges never accumulate rounding and the base files are read
+once. In bfloat16/float16 the engine computes as the trainer does (models/precision.py): 16-bit
+Linear weights under autocast, fp32 norms and residual stream, and the adapter unmerged, since a
+trained LoRA delta is mostly below a bf16 weight's rounding step. Also the reference for the adapter
+check: `token_logprobs` in float32 is what every engine's log-probs are compared with.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import GenerationConfig
 from ..models.base import model_dir
+from ..models.precision import store_frozen_linears
 from .backends import (
     STOP_STRING,
     Decoding,
@@ -24,6 +28,21 @@ from .backends import (
     cut_at_stop,
     resolve_dtype,
 )
+
+if TYPE_CHECKING:
+    import torch
+
+# Shorter common prefixes are prefilled with the rest: one more forward would cost more than it saves.
+MIN_SHARED_PREFIX = 8
+
+
+def _common_prefix(ids: Sequence[Sequence[int]]) -> int:
+    """Length of the token run all sequences start with."""
+    first, n = ids[0], min(len(x) for x in ids)
+    for j in range(n):
+        if any(x[j] != first[j] for x in ids[1:]):
+            return j
+    return n
 
 
 class HFBackend(GenerationBackend):
@@ -41,7 +60,10 @@ class HFBackend(GenerationBackend):
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=getattr(torch, dtype_name))
+        model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch.float32)
+        self.autocast = None if dtype_name == "float32" else getattr(torch, dtype_name)
+        if self.autocast is not None:
+            store_frozen_linears(model.requires_grad_(False), self.autocast)
         self.model = model.to(self.device).eval()
         eos = self.model.generation_config.eos_token_id
         if eos is None:
@@ -58,9 +80,9 @@ class HFBackend(GenerationBackend):
             return
         import torch
 
-        if self.model.dtype != torch.float32:
-            # Unmerged in 16-bit: a trained LoRA delta is mostly below a bf16 weight's rounding step,
-            # so merging would serve a different model (the adapter probe sees |delta log p| ~0.15).
+        if self.autocast is not None:
+            # Unmerged in 16-bit: merging into bf16 weights would serve a different model (the
+            # adapter probe saw |delta log p| ~0.15 per token on a trained SmolLM2 adapter).
             from peft import PeftModel
 
             if isinstance(self.model, PeftModel):
@@ -90,8 +112,8 @@ class HFBackend(GenerationBackend):
         import torch
         from transformers import GenerationConfig as HFGenerationConfig
 
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True)
-        check_prompt_lengths(enc["attention_mask"].sum(1).tolist(), dec.max_new_tokens, self.cfg.max_model_len)
+        ids = [self._ids(p, True) for p in prompts]
+        check_prompt_lengths([len(x) for x in ids], dec.max_new_tokens, self.cfg.max_model_len)
         n = dec.n
         gen = HFGenerationConfig(
             max_new_tokens=dec.max_new_tokens, num_return_sequences=n,
@@ -101,12 +123,13 @@ class HFBackend(GenerationBackend):
             stop_strings=[STOP_STRING],
         )
         self._activate(adapter_dir, lora_id)  # first: creating LoRA layers draws random numbers
-        # one seed per call: the pool derives it from (run seed, round, shard), so results do not
-        # depend on which actor ran the shard
-        torch.manual_seed(self.seed if seed is None else seed)
-        with torch.inference_mode():
-            out = self.model.generate(**enc.to(self.device), generation_config=gen, tokenizer=self.tokenizer)
-        new = out[:, enc["input_ids"].shape[1]:].cpu()
+        with torch.inference_mode(), self._precision():
+            inputs = self._prefilled_inputs(ids, len(prompts) * n)
+            # one seed per call: the pool derives it from (run seed, round, shard), so results do not
+            # depend on which actor ran the shard
+            torch.manual_seed(self.seed if seed is None else seed)
+            out = self.model.generate(**inputs, generation_config=gen, tokenizer=self.tokenizer)
+        new = out[:, inputs["input_ids"].shape[1]:].cpu()
         texts, num_tokens = [], 0
         for row in new.tolist():
             kept = self._until_end(row)
@@ -115,6 +138,31 @@ class HFBackend(GenerationBackend):
             # a multi-byte character cut off by max_new_tokens is dropped, as vLLM's detokenizer does
             texts.append(cut_at_stop(text.rstrip("\ufffd")))
         return Generated([texts[i * n:(i + 1) * n] for i in range(len(prompts))], num_tokens)
+
+    def _prefilled_inputs(self, ids: list[list[int]], rows: int) -> dict[str, object]:
+        """`generate`'s inputs for a batch. The tokens every prompt starts with (the instruction
+        template: a third of a default prompt) are run once and their KV cache repeated for all
+        `rows` sequences; each row then holds [shared prefix][padding][its own tokens], so the
+        padding sits inside the row, where the attention mask hides it as it would at the front."""
+        import torch
+        from transformers import DynamicCache
+
+        pad = self.tokenizer.pad_token_id
+        shared = _common_prefix(ids) if len(ids) > 1 else 0
+        shared = min(shared, min(len(x) for x in ids) - 1)  # every row keeps a token of its own to prefill
+        if shared < MIN_SHARED_PREFIX:
+            shared = 0
+        width = max(len(x) for x in ids) - shared
+        input_ids = [x[:shared] + [pad] * (width - len(x) + shared) + x[shared:] for x in ids]
+        mask = [[1] * shared + [0] * (width - len(x) + shared) + [1] * (len(x) - shared) for x in ids]
+        inputs: dict[str, object] = {"input_ids": torch.tensor(input_ids, device=self.device),
+                                     "attention_mask": torch.tensor(mask, device=self.device)}
+        if shared:
+            cache = DynamicCache(config=self.model.config)
+            self.model(input_ids=inputs["input_ids"][:1, :shared], past_key_values=cache, use_cache=True)
+            cache.batch_repeat_interleave(rows)
+            inputs["past_key_values"] = cache
+        return inputs
 
     def _until_end(self, row: list[int]) -> list[int]:
         """Generated ids up to and including the first EOS; padding after a stop is dropped."""
@@ -143,7 +191,7 @@ class HFBackend(GenerationBackend):
             mask[i, : len(p) + len(c)] = 1
         result: list[list[float]] = []
         self._activate(adapter_dir, lora_id)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._precision():
             logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.float()
             logp = torch.log_softmax(logits, dim=-1).cpu()
         for i, (p, c) in enumerate(pairs):
@@ -163,9 +211,14 @@ class HFBackend(GenerationBackend):
         self._activate(adapter_dir, lora_id)
         # flash-attn cannot express "the prompt but not the sibling answer": one row per candidate there
         shared = use_prefix_sharing("auto", getattr(self.model.config, "_attn_implementation", "sdpa"))
-        with torch.inference_mode():
-            return candidate_token_logprobs(self.model, rows, self.tokenizer.pad_token_id, self.model.dtype,
-                                            "shared" if shared else "separate")
+        with torch.inference_mode(), self._precision():
+            return candidate_token_logprobs(self.model, rows, self.tokenizer.pad_token_id,
+                                            self.autocast or torch.float32, "shared" if shared else "separate")
+
+    def _precision(self) -> torch.autocast:
+        import torch
+
+        return torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None)
 
     def _ids(self, text: str, special: bool) -> list[int]:
         return self.tokenizer(text, add_special_tokens=special)["input_ids"]

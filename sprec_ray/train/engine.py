@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..config import LoraConfig, RunConfig
+from ..models.precision import has_native_bf16, store_frozen_linears
 from .dropout import GapDropout
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -330,25 +331,9 @@ def build_engine(base_model: Path, cfg: RunConfig, init_adapter: Path | None, lr
     return engine
 
 
-def store_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Keep the frozen base Linear weights in the autocast dtype. Autocast casts every one of them again
-    on every forward, to the same values (a measurable share of a SmolLM2 forward on CPU, its LM head
-    included: benchmarks/RESULTS.md). An LM head tied to the input embedding gets a copy of its own: the
-    embedding lookup is not autocast, and both are frozen, so untying them changes no value."""
-    embedding = model.get_input_embeddings().weight
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad:
-            if module.weight is embedding:
-                module.weight = torch.nn.Parameter(embedding.detach().to(dtype), requires_grad=False)
-            else:
-                module.weight.data = module.weight.data.to(dtype)
-
-
 def uses_bf16(mixed_precision: str, device: torch.device) -> bool:
     """train.mixed_precision on this worker; "auto" asks the hardware (CPUs without native bf16
     emulate it, slower than fp32)."""
     if mixed_precision != "auto":
         return mixed_precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    return has_native_bf16(device)
