@@ -461,7 +461,10 @@ def serve_run(run_dir: str | Path, cfg_overrides: Sequence[str] = (), block: boo
     if block and threading.current_thread() is threading.main_thread():
         # docker stop, Kubernetes and systemd send SIGTERM: take the same clean path as Ctrl-C. Set
         # after ray.init, whose own handler would otherwise abort the process with a stack dump.
+        # SIGINT too: a process started in the background of a script inherits SIGINT ignored, and
+        # Python then installs no handler, so `kill -INT` would not stop it.
         signal.signal(signal.SIGTERM, _interrupt)
+        signal.signal(signal.SIGINT, _interrupt)
     try:
         serve.run(build_app({"run_dir": str(run.run_dir), "overrides": list(cfg_overrides)}),
                   name=APP_NAME, route_prefix="/")
