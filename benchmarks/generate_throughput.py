@@ -97,8 +97,10 @@ def linear_params(base: Path) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
-# The in-process transformers paths a pool actor ran before: threads (None = all cores), adapter merged.
-EARLIER_PATHS = {"hf-before": (1, False), "hf-unshared": (None, True)}
+# The in-process transformers paths a pool actor ran before: threads (None = all cores), adapter
+# merged, the argument holding the batch size, and how the table describes it.
+EARLIER_PATHS = {"hf-before": (1, False, "hf_batch_size", "hf (fp32, 1 thread, unmerged LoRA)"),
+                 "hf-unshared": (None, True, "shard_size", "hf (fp32, all cores, merged LoRA, whole prompts)")}
 
 
 def run_earlier(engine: str, args: argparse.Namespace, base: Path, adapter: Path | None,
@@ -111,8 +113,8 @@ def run_earlier(engine: str, args: argparse.Namespace, base: Path, adapter: Path
 
     from sprec_ray.generate.backends import cut_at_stop
 
-    threads, merge = EARLIER_PATHS[engine]
-    batch = args.hf_batch_size if engine == "hf-before" else args.shard_size
+    threads, merge, batch_arg, runs_as = EARLIER_PATHS[engine]
+    batch = getattr(args, batch_arg)
     torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
     tok = AutoTokenizer.from_pretrained(str(base))
     tok.padding_side = "left"
@@ -139,10 +141,8 @@ def run_earlier(engine: str, args: argparse.Namespace, base: Path, adapter: Path
         rounds.append({"wall_s": wall, "prompts": len(prompts), "gen_tokens": new_tokens})
         log.info("  %s: %.2f prompts/s", engine, len(prompts) / wall)
     torch.set_num_threads(os.cpu_count() or 1)
-    runs_as = ("hf (fp32, 1 thread, unmerged LoRA)" if engine == "hf-before"
-               else "hf (fp32, all cores, merged LoRA, whole prompts)")
-    return {"engine": engine, "resolved": runs_as, "actors": 1, "shard_size": batch, "startup_s": float("nan"),
-            "probe_diff": float("nan"), "rounds": rounds, "answers": answers}
+    return {"engine": engine, "resolved": runs_as, "actors": 1, "threads": threads, "shard_size": batch,
+            "startup_s": float("nan"), "probe_diff": float("nan"), "rounds": rounds, "answers": answers}
 
 
 def run_pool(engine: str, actors: int, args: argparse.Namespace, base: Path, adapter: Path | None,
@@ -252,7 +252,7 @@ def main() -> None:
         if unshared is not None:  # greedy: the same answers are expected from every engine
             r["vs_unshared"] = r["prompts_per_s"] / unshared["prompts_per_s"]
             r["same_answers_as_unshared"] = sum(a == b for a, b in zip(r["answers"], unshared["answers"], strict=True))
-        peak = peaks["fp32_1_thread"] if EARLIER_PATHS.get(r["engine"], (0,))[0] == 1 else (
+        peak = peaks["fp32_1_thread"] if r.get("threads") == 1 else (
             peaks.get("bf16_all_cores") if r.get("dtype") == "bfloat16" else peaks["fp32_all_cores"])
         r["share_of_matmul_peak"] = r["gflop_per_s"] * 1e9 / peak if peak else float("nan")  # no bf16 peak measured
 

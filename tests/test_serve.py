@@ -684,8 +684,9 @@ def _replica_pids(app: str) -> list[int]:
 
 def _load_while_killing(url: str, app: str, total: int, catalogue) -> list:
     """From 8 clients: two batches of 8 slow /rank requests (100 candidates each), one model replica
-    SIGKILLed halfway through the first, then `total` requests alternating /recommend and /rank. Killing mid-batch is what makes requests fail over: a kill between
-    batches only meets requests the router has not handed over yet. The responses, in request order."""
+    SIGKILLed halfway through the first, then `total` requests alternating /recommend and /rank.
+    Killing mid-batch is what makes requests fail over: a kill between batches only meets requests
+    the router has not handed over yet. The responses, in request order."""
     import os
     import signal
 

@@ -152,9 +152,12 @@ class HFBackend(GenerationBackend):
         shared = min(shared, min(len(x) for x in ids) - 1)  # every row keeps a token of its own to prefill
         if shared < MIN_SHARED_PREFIX:
             shared = 0
-        width = max(len(x) for x in ids) - shared
-        input_ids = [x[:shared] + [pad] * (width - len(x) + shared) + x[shared:] for x in ids]
-        mask = [[1] * shared + [0] * (width - len(x) + shared) + [1] * (len(x) - shared) for x in ids]
+        longest = max(len(x) for x in ids)
+        input_ids, mask = [], []
+        for x in ids:
+            pads = longest - len(x)
+            input_ids.append(x[:shared] + [pad] * pads + x[shared:])
+            mask.append([1] * shared + [0] * pads + [1] * (len(x) - shared))
         inputs: dict[str, object] = {"input_ids": torch.tensor(input_ids, device=self.device),
                                      "attention_mask": torch.tensor(mask, device=self.device)}
         if shared:
