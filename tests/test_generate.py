@@ -86,10 +86,13 @@ def hf(tiny_model_dir):
 
 
 def hf_by_shards(hf, prompts, adapter, lora_id, size=5):
-    """In-process reference with the pool's shard boundaries (same padded batches)."""
-    out = []
-    for s in range(0, len(prompts), size):
-        out += hf.generate(prompts[s:s + size], adapter, lora_id)
+    """In-process reference with the pool's shards (same padded batches): prompts ordered by length, then cut."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out = [None] * len(prompts)
+    for s in range(0, len(order), size):
+        shard = order[s:s + size]
+        for i, got in zip(shard, hf.generate([prompts[i] for i in shard], adapter, lora_id), strict=True):
+            out[i] = got
     return out
 
 
@@ -167,6 +170,39 @@ def test_hf_generation_with_the_shared_prefix_cached_matches_plain_transformers(
     expected = [[cut_at_stop(tok.decode(row, skip_special_tokens=True))]
                 for row in out[:, enc["input_ids"].shape[1]:].tolist()]
     assert hf.generate(prompts, adapters[0], 1) == expected
+
+
+def test_grouped_sdpa_computes_what_stock_sdpa_does_under_a_padding_mask(tiny_model_dir, tiny_data):
+    """The engine's attention hands grouped KV heads to SDPA without copying them per query head; over
+    left-padded prefill and cached decode steps its logits must be stock sdpa's. Two KV heads of two
+    query heads each, so a head paired with the wrong KV head shows."""
+    import copy
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from sprec_ray.models.attention import GROUPED_SDPA, use_grouped_sdpa
+
+    cfg = AutoConfig.from_pretrained(str(tiny_model_dir))
+    cfg.num_attention_heads, cfg.num_key_value_heads = 4, 2
+    cfg.head_dim = cfg.hidden_size // 4
+    torch.manual_seed(0)
+    stock = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    grouped = copy.deepcopy(stock)
+    use_grouped_sdpa(grouped)
+    assert grouped.config._attn_implementation == GROUPED_SDPA and stock.config._attn_implementation == "sdpa"
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    tok.padding_side = "left"
+    titles = tiny_data.catalogue.titles
+    enc = tok([render_prompt([titles[i] for i in e.history[: 1 + j]]) for j, e in enumerate(tiny_data.train[:4])],
+              return_tensors="pt", padding=True)
+    assert not enc["attention_mask"].all()  # the masked path is the one under test
+    with torch.no_grad():
+        stock_out, grouped_out = (m.generate(**enc, max_new_tokens=4, do_sample=False, output_logits=True,
+                                             return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
+                                  for m in (stock, grouped))
+    assert torch.equal(stock_out.sequences, grouped_out.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(stock_out.logits, grouped_out.logits, strict=True)) < 1e-5
 
 
 def test_hf_bf16_engine_passes_the_probe_and_still_catches_the_wrong_adapter(prompts, adapters, tiny_model_dir):

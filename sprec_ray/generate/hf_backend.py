@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import GenerationConfig
+from ..models.attention import use_grouped_sdpa
 from ..models.base import model_dir
 from ..models.precision import store_frozen_linears
 from .backends import (
@@ -61,6 +62,8 @@ class HFBackend(GenerationBackend):
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch.float32)
+        if self.device.type == "cpu":  # on CUDA, SDPA's fused kernels take no grouped heads with a mask
+            use_grouped_sdpa(model)
         self.autocast = None if dtype_name == "float32" else getattr(torch, dtype_name)
         if self.autocast is not None:
             store_frozen_linears(model.requires_grad_(False), self.autocast)

@@ -344,13 +344,19 @@ class GenerationPool:
         size = self.cfg.shard_size
         bounds = [(s, min(s + size, len(items))) for s in range(0, len(items), size)]
         stats.shards = len(bounds)
-        rnd = _Round(items, bounds, key, lora_id, work, stats, deque(range(len(bounds))), [None] * len(bounds))
+        # Shards of prompts of similar length: a shard is padded to its longest prompt, and the
+        # default prompts (157-249 tokens) mixed at random waste a fifth of the prefill on padding.
+        order = sorted(range(len(items)), key=lambda i: len(items[i] if isinstance(items[i], str) else items[i][0]))
+        rnd = _Round([items[i] for i in order], bounds, key, lora_id, work, stats, deque(range(len(bounds))),
+                     [None] * len(bounds))
         try:
             results = self._run(rnd, progress)
         except BaseException as err:
             self._broken = err
             raise
-        out = [o for r in results for o in r.outputs]
+        out: list = [None] * len(items)
+        for i, o in zip(order, (o for r in results for o in r.outputs), strict=True):
+            out[i] = o
         stats.completions = sum(len(o) for o in out)
         self.last_stats = stats
         what = "scored" if isinstance(work, Scoring) else "generated"

@@ -23,10 +23,11 @@ from typing import Any
 
 import torch
 
+from ..models.attention import GROUPED_SDPA
 from .batching import PairRow
 from .losses import IGNORE
 
-MASKABLE_ATTENTION = ("sdpa", "eager")
+MASKABLE_ATTENTION = ("sdpa", GROUPED_SDPA, "eager")
 
 
 def use_prefix_sharing(setting: str, attn_implementation: str) -> bool:
