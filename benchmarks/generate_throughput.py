@@ -224,7 +224,7 @@ def parse_args() -> argparse.Namespace:
                         choices=[*EARLIER_PATHS, "auto", "hf", "vllm"])
     parser.add_argument("--actors", nargs="+", type=int, default=[1])
     parser.add_argument("--split", default="valid", choices=["train", "valid", "test"], help="rows the prompts come from")
-    parser.add_argument("--num-prompts", type=int, default=400, help="prompts per timed round (the split's first N)")
+    parser.add_argument("--num-prompts", type=int, default=0, help="prompts per timed round: the split's first N, 0 = all")
     parser.add_argument("--repeats", type=int, default=2, help="timed rounds per engine, in ABBA order (median reported)")
     parser.add_argument("--warmup-prompts", type=int, default=4, help="untimed round: adapter switch + probe")
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -266,7 +266,8 @@ def main() -> None:
     all_prompts, all_rows, warm, corpus, catalogue = build_prompts(args.data, args.split, work)
     if len(all_prompts) < args.num_prompts:
         raise SystemExit(f"only {len(all_prompts)} {args.split} prompts available, need {args.num_prompts}")
-    prompts, rows = all_prompts[: args.num_prompts], all_rows[: args.num_prompts]
+    n = args.num_prompts or len(all_prompts)
+    prompts, rows = all_prompts[:n], all_rows[:n]
     base = Path(resolve_base_model(args.model, args.cache_dir, corpus))
     adapter = {"none": None, "warm-start": REPO_ROOT / "adapters" / WARM_START,
                "random": None if args.adapter != "random" else make_adapter(
