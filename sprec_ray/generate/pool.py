@@ -344,8 +344,8 @@ class GenerationPool:
         size = self.cfg.shard_size
         bounds = [(s, min(s + size, len(items))) for s in range(0, len(items), size)]
         stats.shards = len(bounds)
-        # Shards of prompts of similar length: a shard is padded to its longest prompt, and the
-        # default prompts (157-249 tokens) mixed at random waste a fifth of the prefill on padding.
+        # Shards of prompts of similar length: a shard is padded to its longest prompt, so prompts
+        # mixed at random spend part of the prefill on padding (the default ones run 157-249 tokens).
         order = sorted(range(len(items)), key=lambda i: len(items[i] if isinstance(items[i], str) else items[i][0]))
         rnd = _Round([items[i] for i in order], bounds, key, lora_id, work, stats, deque(range(len(bounds))),
                      [None] * len(bounds))
