@@ -269,9 +269,11 @@ def main() -> None:
     n = args.num_prompts or len(all_prompts)
     prompts, rows = all_prompts[:n], all_rows[:n]
     base = Path(resolve_base_model(args.model, args.cache_dir, corpus))
-    adapter = {"none": None, "warm-start": REPO_ROOT / "adapters" / WARM_START,
-               "random": None if args.adapter != "random" else make_adapter(
-                   base, work / f"adapter-{base.name}-r{args.lora_rank}", args.lora_rank)}[args.adapter]
+    adapter = None
+    if args.adapter == "warm-start":
+        adapter = REPO_ROOT / "adapters" / WARM_START
+    elif args.adapter == "random":
+        adapter = make_adapter(base, work / f"adapter-{base.name}-r{args.lora_rank}", args.lora_rank)
     warm = warm[: args.warmup_prompts]
 
     import torch
