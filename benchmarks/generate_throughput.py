@@ -120,6 +120,8 @@ class EarlierPath:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers import GenerationConfig as HFGenerationConfig
 
+        from sprec_ray.generate.backends import STOP_STRING
+
         threads, merge, batch_arg, runs_as = EARLIER_PATHS[engine]
         self.threads, self.batch = threads, getattr(args, batch_arg)
         self.tok = AutoTokenizer.from_pretrained(str(base))
@@ -134,7 +136,7 @@ class EarlierPath:
         self.model = model
         self.gen = HFGenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False,
                                       eos_token_id=self.tok.eos_token_id, pad_token_id=self.tok.pad_token_id,
-                                      stop_strings=['"\n'])
+                                      stop_strings=[STOP_STRING])
         self.row = {"engine": engine, "resolved": runs_as, "actors": 1, "threads": threads, "shard_size": self.batch,
                     "startup_s": float("nan"), "probe_diff": float("nan"), "rounds": []}
 
@@ -189,15 +191,17 @@ class PoolPath:
         self.pool.shutdown()
 
 
-def validation_metrics(answers: list[str], rows: list, catalogue: object) -> dict[str, float]:
-    """The default run's validation metrics of one engine's greedy answers (MiniLM grounding)."""
+def validation_metrics(rows_out: list[dict], rows: list, catalogue: object) -> None:
+    """Each engine's greedy answers scored as the run's evaluation scores them (MiniLM grounding; the
+    catalogue is embedded once for all engines)."""
     from sprec_ray.eval.embedders import make_embedder
     from sprec_ray.eval.evaluate import evaluate_completions
     from sprec_ray.eval.grounding import Grounder
 
     grounder = Grounder(catalogue.titles, make_embedder("minilm"))
-    metrics, _ = evaluate_completions([[a] for a in answers], rows, catalogue, grounder, ks=(1, 5, 10))
-    return {k: metrics[k] for k in REPORTED_METRICS}
+    for r in rows_out:
+        metrics, _ = evaluate_completions([[a] for a in r["answers"]], rows, catalogue, grounder, ks=(1, 5, 10))
+        r["validation"] = {k: metrics[k] for k in REPORTED_METRICS}
 
 
 REPORTED_METRICS = ("NDCG@5", "HR@5", "DivRatio@5", "ORRatio@5", "DivRatio@1", "ORRatio@1", "distinct_answers",
@@ -302,8 +306,7 @@ def main() -> None:
     measure(paths, prompts, args.repeats)
     rows_out = [summarise(p.row, prompt_tokens, n_linear) for p in paths]
     if args.split == "valid" and not args.no_metrics:
-        for r in rows_out:
-            r["validation"] = validation_metrics(r["answers"], rows, catalogue)
+        validation_metrics(rows_out, rows, catalogue)
     baseline = rows_out[0]
     unshared = next((r for r in rows_out if r["engine"] == "hf-unshared"), None)
     for r in rows_out:

@@ -165,7 +165,7 @@ def run_one(args: argparse.Namespace, seed: int, variant: str, warm_start: Path)
     from sprec_ray.config import load_config
     from sprec_ray.selfplay import run_selfplay
 
-    scale = f"{args.rounds}x{args.round_rows}"
+    scale = scale_of(vars(args))
     result = Path(args.results) / f"seed{seed}_{variant}_{scale}.json"
     if result.exists():
         return

@@ -4,8 +4,8 @@ Batched with left padding. In float32 a round's adapter is merged into the weigh
 matmuls per projection are a large share of CPU decoding); switching adapters first restores the
 pristine base weights kept aside, so merges never accumulate rounding and the base files are read
 once. In bfloat16/float16 the engine computes as the trainer's bf16 autocast does, in that dtype
-(models/precision.py): 16-bit Linear weights under autocast, fp32 norms and residual stream, and the adapter unmerged, since a
-trained LoRA delta is mostly below a bf16 weight's rounding step. Also the reference for the adapter
+(models/precision.py): 16-bit Linear weights under autocast, fp32 norms and residual stream, and the
+adapter unmerged, since a trained LoRA delta is mostly below a bf16 weight's rounding step. Also the reference for the adapter
 check: `token_logprobs` in float32 is what every engine's log-probs are compared with.
 """
 
